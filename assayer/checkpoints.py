@@ -1,0 +1,172 @@
+"""Listing a checkpoint tree, fingerprinting checkpoints, and the rules that say when one is complete."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+from absl import logging
+
+TEMPORARY_SUFFIXES = (".tmp", ".partial", ".incomplete")
+TEMPORARY_PREFIXES = (".", "tmp-checkpoint-")
+TEMPORARY_INFIX = ".orbax-checkpoint-tmp"
+"""Names that writers use while a checkpoint is unfinished, never evaluated and never descended into.
+
+Hidden names cover editors' and rsync's partial files; `tmp-checkpoint-*` is Hugging Face Trainer's
+staging folder; `*.orbax-checkpoint-tmp*` is Orbax's, renamed to the step's name once complete."""
+
+DISTCP_SUFFIX = ".distcp"
+DISTCP_METADATA = ".metadata"
+SHARD_INDEX_SUFFIX = ".index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint as one listing saw it.
+
+    `fingerprint` changes whenever the content is likely to have changed: size and modification time
+    in nanoseconds for a file; number of files, total size and newest modification time for a folder.
+    """
+
+    fingerprint: str
+    modified: float
+    is_dir: bool
+
+
+def compile_filter(regex: str) -> re.Pattern[str]:
+    """Compile `--regex_filter`; `.` also matches a newline, since file names may contain one."""
+    return re.compile(regex, re.DOTALL)
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(TEMPORARY_PREFIXES) or name.endswith(TEMPORARY_SUFFIXES) or TEMPORARY_INFIX in name
+
+
+def scan(directory: str, pattern: re.Pattern[str]) -> dict[str, Checkpoint]:
+    """List the checkpoints under `directory`, keyed by their `/`-separated path relative to it.
+
+    The tree is walked once with `os.scandir`. A folder whose relative path matches is one checkpoint and
+    is not searched for more; symbolic links to folders are not followed, so a link loop cannot trap the
+    walk. Entries that vanish or cannot be read while the walk runs are left out of this listing.
+
+    Raises:
+        FileNotFoundError: `directory` does not exist.
+    """
+    found: dict[str, Checkpoint] = {}
+    folders = [("", directory)]
+    while folders:
+        prefix, folder = folders.pop()
+        try:
+            entries = os.scandir(folder)
+        except OSError as error:
+            if folder == directory:
+                raise
+            logging.debug("scan %s: skipping unreadable folder %s: %s", directory, folder, error)
+            continue
+        with entries:
+            for entry in entries:
+                name = entry.name
+                if is_temporary(name):
+                    continue
+                relative = prefix + name
+                if pattern.match(relative):
+                    checkpoint = _describe(entry)
+                    if checkpoint is not None:
+                        found[relative] = checkpoint
+                elif _is_real_dir(entry):
+                    folders.append((relative + "/", entry.path))
+    return found
+
+
+def missing_parts(path: str, ready_marker: str | None) -> str | None:
+    """Return what a folder checkpoint still lacks by its format's own rules, or None when it is complete.
+
+    torch.distributed.checkpoint writes `.metadata` after its `*.distcp` shards; a sharded Hugging Face
+    checkpoint lists its shards in `*.index.json`; `ready_marker` names a file written last (Orbax's
+    `commit_success.txt`, say). A file checkpoint has no such rules.
+    """
+    try:
+        names = set(os.listdir(path))
+    except NotADirectoryError:
+        return None
+    if not names:
+        return "folder is empty"
+    if ready_marker and ready_marker not in names:
+        return f"ready marker {ready_marker} not written yet"
+    if DISTCP_METADATA not in names and any(name.endswith(DISTCP_SUFFIX) for name in names):
+        return f"{DISTCP_METADATA} of the distributed checkpoint not written yet"
+    for index in sorted(name for name in names if name.endswith(SHARD_INDEX_SUFFIX)):
+        missing = _missing_shards(os.path.join(path, index), names)
+        if missing:
+            return f"{index} lists shards not written yet: {', '.join(missing[:3])}"
+    return None
+
+
+def step_of(relative: str, pattern: re.Pattern[str]) -> int | None:
+    """Return the training step in a checkpoint's relative path.
+
+    That is the regex's named group `step` when it has one and it captured digits, else the last integer
+    in the path (`model_epoch3.pt` is 3, `run2/checkpoint-500` is 500), else None.
+    """
+    if "step" in pattern.groupindex:
+        match = pattern.match(relative)
+        captured = match.group("step") if match else None
+        if captured and captured.isdigit():
+            return int(captured)
+    numbers = re.findall(r"\d+", relative)
+    return int(numbers[-1]) if numbers else None
+
+
+def _is_real_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _describe(entry: os.DirEntry) -> Checkpoint | None:
+    try:
+        if entry.is_dir():
+            return _describe_folder(entry.path)
+        stat = entry.stat()
+    except OSError:
+        # Vanished, a dangling link, or a link loop: nothing to evaluate in this listing.
+        return None
+    return Checkpoint(f"{stat.st_size}:{stat.st_mtime_ns}", stat.st_mtime, is_dir=False)
+
+
+def _describe_folder(path: str) -> Checkpoint:
+    count = size = newest = 0
+    folders = [path]
+    while folders:
+        folder = folders.pop()
+        try:
+            entries = os.scandir(folder)
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                try:
+                    stat = entry.stat(follow_symlinks=False)
+                    is_folder = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    continue
+                newest = max(newest, stat.st_mtime_ns)
+                if is_folder:
+                    folders.append(entry.path)
+                else:
+                    count += 1
+                    size += stat.st_size
+    return Checkpoint(f"d{count}:{size}:{newest}", newest / 1e9, is_dir=True)
+
+
+def _missing_shards(index_path: str, names: set[str]) -> list[str]:
+    try:
+        with open(index_path) as file:
+            weight_map = json.load(file).get("weight_map", {})
+    except (OSError, ValueError, AttributeError):
+        return [f"{os.path.basename(index_path)} (unreadable or half-written)"]
+    shards = sorted(set(weight_map.values()))
+    return [shard for shard in shards if shard.split("/", 1)[0] not in names]

@@ -1,0 +1,172 @@
+"""What the watch and shutdown commands do, as plain functions of plain values."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import time
+from collections.abc import Callable
+
+import redis
+
+from assayer import checkpoints, evaluator, server, watches, workers
+from assayer.config import WatchConfig
+from assayer.connection import RedisSettings, UnreachableError, password_file
+from assayer.errors import UsageError
+
+Output = Callable[[str], None]
+
+POOL_START_TIMEOUT = 20.0
+"""Seconds a new worker pool gets to register in Redis before the watch command reports it as failed."""
+
+
+def check_config(config: WatchConfig, num_watch_workers: int, num_eval_workers: int) -> None:
+    """Raise UsageError naming the first flag whose value cannot work."""
+    if not config.directory:
+        raise UsageError("--directory is required: the folder where training writes its checkpoints")
+    if os.path.exists(config.directory) and not os.path.isdir(config.directory):
+        raise UsageError(f"--directory={config.directory} is a file; pass the folder that holds the checkpoints")
+    try:
+        checkpoints.compile_filter(config.regex)
+    except re.error as error:
+        raise UsageError(f"--regex_filter={config.regex} is not a valid regular expression: {error}") from None
+    positive = {"--polling_interval": config.polling_interval}
+    not_negative = {
+        "--settle_seconds": config.settle_seconds,
+        "--eval_timeout": config.eval_timeout,
+        "--max_retries": config.max_retries,
+        "--num_watch_workers": num_watch_workers,
+        "--num_eval_workers": num_eval_workers,
+    }
+    for flag, value in positive.items():
+        if not value > 0:
+            raise UsageError(f"{flag}={value} is invalid: use a number of seconds greater than 0")
+    for flag, value in not_negative.items():
+        if value < 0:
+            raise UsageError(f"{flag}={value} is invalid: use 0 or more")
+    if config.ready_marker is not None and ("/" in config.ready_marker or not config.ready_marker):
+        raise UsageError(f"--ready_marker={config.ready_marker} is invalid: use a file name such as commit_success.txt")
+    if not config.watch_queue or not config.eval_queue or config.watch_queue == config.eval_queue:
+        raise UsageError(
+            f"--watch_queue_name={config.watch_queue} and --eval_queue_name={config.eval_queue} must be two "
+            "different, non-empty names"
+        )
+    evaluator.load(config.evaluator, config.search_path)
+    if config.tensorboard_dir:
+        from assayer import tensorboard
+
+        tensorboard.check_available()
+
+
+def connect(settings: RedisSettings, launch_redis: bool, out: Output) -> tuple[RedisSettings, redis.Redis]:
+    """Return settings and a client that answers, starting a local server when allowed and needed."""
+    try:
+        return settings, settings.check()
+    except UnreachableError:
+        if not (launch_redis and settings.is_local):
+            raise
+    started = server.start_server(settings)
+    out(
+        f"started redis-server at {started.masked}, listening on this machine only, "
+        f"data in {server.server_dir(settings)}; stop it with python -m assayer.shutdown --stop_redis"
+    )
+    return started, started.check()
+
+
+def start_watch(
+    config: WatchConfig,
+    settings: RedisSettings,
+    eval_existing: bool,
+    num_watch_workers: int,
+    num_eval_workers: int,
+    launch_redis: bool,
+    out: Output,
+) -> None:
+    """Check everything, then start or resume the watch and its worker pools, and return."""
+    check_config(config, num_watch_workers, num_eval_workers)
+    settings, client = connect(settings, launch_redis, out)
+    _describe_directory(config, eval_existing, out)
+    outcome = watches.start(client, config, eval_existing)
+    verb = {"started": "watching", "resumed": "resumed watching", "running": "already watching"}[outcome]
+    out(
+        f"{verb} {config.directory} with {config.evaluator}, polling every {config.polling_interval:g} s "
+        f"(watch {config.watch_id})"
+    )
+    working_dir = os.getcwd()
+    for role, queue, count in (
+        (workers.WATCH, config.watch_queue, num_watch_workers),
+        (workers.EVALUATION, config.eval_queue, num_eval_workers),
+    ):
+        if count:
+            _start_pool(client, settings, role, queue, count, working_dir, out)
+    if not num_watch_workers and not _serving(client, config.watch_queue):
+        out(f"warning: no worker serves queue {config.watch_queue!r} yet; polls wait until one starts")
+    if not num_eval_workers and not _serving(client, config.eval_queue):
+        out(
+            f"warning: no worker serves queue {config.eval_queue!r} yet; evaluations wait until one starts, "
+            f"e.g. rq worker {config.eval_queue} --url {settings.masked}"
+        )
+    out(f"monitor: rq info --url {monitor_url(settings)}")
+    out("results: python -m assayer.status    stop: python -m assayer.shutdown")
+
+
+def monitor_url(settings: RedisSettings) -> str:
+    """Return a shell word for the URL that reads a saved password from its file instead of printing it."""
+    saved = password_file(settings)
+    if settings.password is None:
+        return shlex.quote(settings.url)
+    if saved.exists() and saved.read_text().strip() == settings.password:
+        plain = RedisSettings(settings.url).with_password("PASSWORD").url
+        head, tail = plain.split("PASSWORD", 1)
+        return f'"{head}$(cat {shlex.quote(str(saved))}){tail}"'
+    return shlex.quote(settings.masked) + "  (with your password in place of ***)"
+
+
+def _describe_directory(config: WatchConfig, eval_existing: bool, out: Output) -> None:
+    if not os.path.isdir(config.directory):
+        out(
+            f"{config.directory} does not exist yet; watching it anyway, and checkpoints are evaluated once "
+            "training creates them"
+        )
+        return
+    present = len(checkpoints.scan(config.directory, checkpoints.compile_filter(config.regex)))
+    if present and eval_existing:
+        out(f"{present} checkpoints already present are evaluated too (--eval_existing)")
+    elif present:
+        out(
+            f"{present} checkpoints already present are left alone on a new watch; pass --eval_existing to "
+            "evaluate them too"
+        )
+
+
+def _start_pool(client, settings, role: str, queue: str, count: int, working_dir: str, out: Output) -> None:
+    before = set(workers.running_pools(client))
+    pid, log_path = workers.start_pool(settings, role, queue, count, working_dir)
+    deadline = time.monotonic() + POOL_START_TIMEOUT
+    while not any(name not in before and pool["pid"] == pid for name, pool in workers.running_pools(client).items()):
+        if time.monotonic() > deadline or not _alive(pid):
+            raise UsageError(f"the {role} worker pool (pid {pid}) failed to start; see {log_path}")
+        time.sleep(0.1)
+    kind = "watch" if role == workers.WATCH else "evaluation"
+    out(f"started {count} {kind} worker{'s' if count > 1 else ''} on queue {queue!r} (pool pid {pid}, log {log_path})")
+
+
+def _serving(client: redis.Redis, queue: str) -> bool:
+    from rq import Worker
+
+    return any(queue in worker.queue_names() for worker in Worker.all(connection=client))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        finished, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        finished = 0
+    if finished == pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,114 @@
+"""The evaluation job: run the user's evaluator on one checkpoint version and record the outcome."""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from typing import Any
+
+from absl import logging
+from rq import get_current_job
+from rq.exceptions import AbandonedJobError
+from rq.job import Job
+
+from assayer import evaluator, records
+from assayer.config import WatchConfig
+
+
+def evaluate(config_json: str, relative: str, version: str, step: int | None) -> Any:
+    """Evaluate one checkpoint version and return what the evaluator returned.
+
+    A checkpoint deleted before its evaluation starts (rotated away by the trainer, say) is recorded as
+    skipped and the evaluator is not called.
+    """
+    job = get_current_job()
+    connection = job.connection
+    config = WatchConfig.from_json(config_json)
+    path = os.path.join(config.directory, relative)
+    watch_id = config.watch_id
+    if not os.path.exists(path):
+        reason = "deleted before its evaluation started"
+        records.update(connection, watch_id, version, state=records.SKIPPED, reason=reason, ended_at=time.time())
+        logging.warning("checkpoint %s: skipped, %s (watch %s)", path, reason, watch_id)
+        return None
+    attempt = int(connection.hincrby(records.record_key(watch_id, version), "attempts", 1))
+    records.update(
+        connection,
+        watch_id,
+        version,
+        state=records.STARTED,
+        started_at=time.time(),
+        worker=job.worker_name or "",
+        error=None,
+        ended_at=None,
+        duration=None,
+    )
+    logging.info("checkpoint %s: evaluation started, attempt %d (watch %s)", path, attempt, watch_id)
+    function = evaluator.load(config.evaluator, config.search_path)
+    began = time.monotonic()
+    result = function(path)
+    duration = time.monotonic() - began
+    records.update(
+        connection,
+        watch_id,
+        version,
+        state=records.FINISHED,
+        ended_at=time.time(),
+        duration=duration,
+        result=records.to_json_text(result),
+    )
+    logging.info("checkpoint %s: evaluated in %.1f s (watch %s)", path, duration, watch_id)
+    if config.tensorboard_dir:
+        _write_tensorboard(config, step, result, path)
+    return result
+
+
+def record_failure(job: Job, connection, exc_type, exc_value, exc_traceback) -> None:
+    """Record a failed attempt: `failed` after the last one, `queued` again while retries remain.
+
+    RQ calls this for an exception in the evaluator, a timeout, and an evaluation whose worker died.
+    """
+    config_json, relative, version, _step = job.args
+    config = WatchConfig.from_json(config_json)
+    error = _last_line(exc_type, exc_value)
+    path = os.path.join(config.directory, relative)
+    if job.retries_left:
+        records.update(connection, config.watch_id, version, state=records.QUEUED, error=error)
+        logging.warning(
+            "checkpoint %s: evaluation failed (%s), %d retries remaining (watch %s)",
+            path,
+            error,
+            job.retries_left,
+            config.watch_id,
+        )
+        return
+    records.update(
+        connection,
+        config.watch_id,
+        version,
+        state=records.FAILED,
+        error=error,
+        ended_at=time.time(),
+    )
+    logging.error("checkpoint %s: evaluation failed: %s (watch %s)", path, error, config.watch_id)
+
+
+def _last_line(exc_type, exc_value) -> str:
+    if exc_type is None:
+        return "failed"
+    if issubclass(exc_type, AbandonedJobError):
+        return "the worker running the evaluation died (AbandonedJobError)"
+    lines = traceback.format_exception_only(exc_type, exc_value)
+    text = "".join(lines).strip().splitlines()
+    return text[-1] if text else exc_type.__name__
+
+
+def _write_tensorboard(config: WatchConfig, step: int | None, result: Any, path: str) -> None:
+    try:
+        from assayer import tensorboard
+
+        tensorboard.write_scalars(config.tensorboard_dir, config, step, result)
+    except Exception:
+        # The evaluation itself succeeded and is recorded; a broken event file must not fail it.
+        logging.exception("checkpoint %s: writing TensorBoard scalars to %s failed", path, config.tensorboard_dir)

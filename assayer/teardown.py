@@ -1,0 +1,170 @@
+"""What `python -m assayer.shutdown` does: stop watches, then assayer's workers, then maybe Redis."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import redis
+from absl import logging
+from rq import Queue
+from rq.command import send_kill_horse_command, send_shutdown_command, send_stop_job_command
+from rq.job import Job
+from rq.worker import WorkerStatus
+
+from assayer import records, server, watches, workers
+from assayer.config import WatchConfig
+from assayer.connection import RedisSettings
+from assayer.errors import UsageError
+
+Output = Callable[[str], None]
+
+_STOPPING_POOLS: set[tuple[str, int]] = set()
+"""Pools on this machine asked to stop by this process, as (host, pid)."""
+
+STOP_REQUEST_TTL = 600
+"""Seconds a stop request waits for a pool to read it; a pool reads it within a second when running."""
+
+
+def stop_directory(client: redis.Redis, directory: str, force: bool, out: Output) -> None:
+    """Stop the watches of one directory and their queued evaluations; leave workers and other watches."""
+    path = os.path.abspath(os.path.expanduser(directory))
+    known = records.load_watches(client)
+    targets = [config for config, _ in known if config.directory == path]
+    if not targets:
+        listed = ", ".join(sorted({config.directory for config, _ in known})) or "none"
+        raise UsageError(f"--directory={directory}: no watch of {path} on this Redis; watched directories: {listed}")
+    for config in targets:
+        removed = watches.stop(client, config)
+        running = _running_evaluations(client, [config])
+        if force:
+            for job in running:
+                send_stop_job_command(client, job.id)
+        out(f"stopped watch {config.watch_id} of {path} ({config.evaluator}); {removed} queued evaluations removed")
+        _report_running(running, force, out)
+
+
+def shutdown(
+    settings: RedisSettings, client: redis.Redis, force: bool, stop_redis: bool, timeout: float, out: Output
+) -> None:
+    """Stop every watch, then assayer's workers, and with `stop_redis` the server assayer started."""
+    known = records.load_watches(client)
+    removed = sum(watches.stop(client, config) for config, fields in known if fields.get("state") == watches.ACTIVE)
+    active = [config for config, fields in known if fields.get("state") == watches.ACTIVE]
+    out(f"stopped {len(active)} watches; {removed} queued evaluations removed (queued again when a watch resumes)")
+    running = _running_evaluations(client, [config for config, _ in known])
+    _request_worker_stop(client, force)
+    remaining = _wait_for_workers(client, timeout, allow_busy=not force)
+    busy = {job.worker_name for job in running}
+    stuck = sorted(name for name in remaining if force or name not in busy)
+    if stuck:
+        out(f"{len(stuck)} assayer workers did not stop within {timeout:g} s: {', '.join(stuck)}")
+    elif not remaining:
+        out("no assayer worker is running")
+    if not force:
+        _report_running(running, force, out)
+    if stop_redis:
+        _stop_redis(settings, out, busy=bool(remaining))
+
+
+def _request_worker_stop(client: redis.Redis, force: bool) -> None:
+    mode = "force" if force else "warm"
+    pools = workers.running_pools(client)
+    _STOPPING_POOLS.update(
+        (pool["host"], pool["pid"]) for pool in pools.values() if pool.get("host") == socket.gethostname()
+    )
+    for name in pools:
+        client.set(workers.stop_key(name), mode, ex=STOP_REQUEST_TTL)
+    in_pools = {name for pool in pools.values() for name in pool.get("workers", [])}
+    _forget_dead_workers(client)
+    for worker in workers.assayer_workers(client):
+        if worker.name in in_pools:
+            continue  # Its pool stops it, and would replace it if it stopped on its own.
+        # A worker started by hand with `rq worker -w assayer.workers...` gets RQ's own commands.
+        if force and worker.get_state() == WorkerStatus.BUSY:
+            send_kill_horse_command(client, worker.name)
+        send_shutdown_command(client, worker.name)
+    logging.info("shutdown: %s stop requested from %d pools", mode, len(pools))
+
+
+def _wait_for_workers(client: redis.Redis, timeout: float, allow_busy: bool) -> list[str]:
+    """Wait until assayer's workers and pools have exited, except those still finishing an evaluation.
+
+    Returns the names of the workers still registered at the end.
+    """
+    deadline = time.monotonic() + timeout
+    host = socket.gethostname()
+    while True:
+        _forget_dead_workers(client)
+        registered = workers.assayer_workers(client)
+        busy = {worker.name for worker in registered if allow_busy and worker.get_state() == WorkerStatus.BUSY}
+        waiting = [worker.name for worker in registered if worker.name not in busy]
+        for name, pool in workers.running_pools(client).items():
+            if not busy.intersection(pool.get("workers", [])):
+                waiting.append(name)
+        # A pool removes its record just before it exits; on this machine, wait for the exit itself.
+        waiting += [str(pid) for pid in _local_pool_pids(client, host) if _process_exists(pid)]
+        if not waiting or time.monotonic() > deadline:
+            return [worker.name for worker in registered]
+        time.sleep(0.2)
+
+
+def _local_pool_pids(client: redis.Redis, host: str) -> list[int]:
+    return [pid for pool_host, pid in _STOPPING_POOLS if pool_host == host]
+
+
+def _forget_dead_workers(client: redis.Redis) -> None:
+    """Drop the registrations of assayer workers on this machine whose process is gone (killed, say)."""
+    host = socket.gethostname()
+    for worker in workers.assayer_workers(client):
+        if worker.hostname == host and worker.pid and not _process_exists(worker.pid):
+            logging.info("shutdown: worker %s (pid %d) is gone; removing its registration", worker.name, worker.pid)
+            worker.register_death()
+
+
+def _running_evaluations(client: redis.Redis, configs: list[WatchConfig]) -> list:
+    jobs = []
+    for config in configs:
+        prefix = f"assayer-eval-{config.watch_id}-"
+        registry = Queue(config.eval_queue, connection=client).started_job_registry
+        job_ids = [job_id for job_id in registry.get_job_ids() if job_id.startswith(prefix)]
+        jobs.extend(job for job in Job.fetch_many(job_ids, connection=client) if job is not None)
+    return jobs
+
+
+def _report_running(running: list, force: bool, out: Output) -> None:
+    if not running or force:
+        return
+    out(
+        f"{len(running)} evaluations are still running and will finish; their workers exit afterwards "
+        "(python -m assayer.shutdown --force stops them now):"
+    )
+    for job in running:
+        started = job.started_at.timestamp() if job.started_at else time.time()
+        out(f"  {job.description} (running for {time.time() - started:.0f} s on {job.worker_name})")
+
+
+def _stop_redis(settings: RedisSettings, out: Output, busy: bool) -> None:
+    if busy:
+        out(
+            f"Redis at {settings.masked} left running: evaluations still need it; run "
+            "python -m assayer.shutdown --stop_redis again once they finish, or add --force"
+        )
+        return
+    pid = server.stop_server(settings)
+    if pid is None:
+        out(f"Redis at {settings.masked} was not started by assayer; left running")
+    else:
+        out(f"stopped redis-server at {settings.masked} (pid {pid}); its data stays in {server.server_dir(settings)}")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,133 @@
+"""assayer's own RQ workers: the worker classes, and pools of them that outlive the watch command.
+
+Workers are named `assayer-watch-*` and `assayer-eval-*` so that shutdown can tell them from other RQ
+workers on the same Redis. A pool runs as a process of its own (`python -m assayer.pool`), in a new
+session so that closing the terminal does not stop it, and replaces workers that die.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import redis
+from absl import logging
+from rq import SimpleWorker, Worker
+
+from assayer import records, state
+from assayer.connection import RedisSettings
+
+WORKER_PREFIX = "assayer-"
+POOLS_KEY = records.PREFIX + "pools"
+"""Set of the names of running pools; each has a hash `assayer:pool:NAME` that expires unless renewed."""
+
+POOL_TTL = 30
+"""Seconds a pool's record lives without renewal; the pool renews it every second."""
+
+MAINTENANCE_SECONDS = 30
+"""How often assayer's workers clean RQ's registries, which retries or fails evaluations of dead workers."""
+
+WATCH, EVALUATION = "watch", "eval"
+
+
+def pool_key(name: str) -> str:
+    return f"{records.PREFIX}pool:{name}"
+
+
+def stop_key(name: str) -> str:
+    """String key that asks a pool to stop: `warm` lets running evaluations finish, `force` does not."""
+    return f"{records.PREFIX}pool:{name}:stop"
+
+
+def worker_name(role: str, name: str | None) -> str:
+    """Return the name a worker registers under: role, host and a unique suffix, after `assayer-`."""
+    return f"{WORKER_PREFIX}{role}-{socket.gethostname()}-{(name or uuid.uuid4().hex)[:10]}"
+
+
+class WatchWorker(SimpleWorker):
+    """Runs poll jobs in its own process: a poll is short, trusted code, so a fork per poll is waste."""
+
+    def __init__(self, queues, name: str | None = None, **kwargs):
+        kwargs.setdefault("maintenance_interval", MAINTENANCE_SECONDS)
+        super().__init__(queues, name=worker_name(WATCH, name), **kwargs)
+
+
+class EvaluationWorker(Worker):
+    """Runs each evaluation in a forked work horse, so memory an evaluator holds is freed after it."""
+
+    def __init__(self, queues, name: str | None = None, **kwargs):
+        kwargs.setdefault("maintenance_interval", MAINTENANCE_SECONDS)
+        super().__init__(queues, name=worker_name(EVALUATION, name), **kwargs)
+
+    def handle_work_horse_killed(self, job, retpid, ret_val, rusage):
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
+        from assayer.jobs.eval_job import record_failure
+
+        if os.WIFSIGNALED(ret_val):
+            reason = f"the evaluation process was killed by {signal.Signals(os.WTERMSIG(ret_val)).name}"
+        else:
+            reason = f"the evaluation process exited with status {os.waitstatus_to_exitcode(ret_val)}"
+        try:
+            record_failure(job, self.connection, EvaluationKilled, EvaluationKilled(reason), None)
+        except Exception:
+            logging.exception("worker %s: recording the failure of job %s failed", self.name, job.id)
+
+
+class EvaluationKilled(Exception):
+    """The work horse running an evaluation ended without reporting back."""
+
+
+def is_assayer_worker(name: str) -> bool:
+    return name.startswith(WORKER_PREFIX)
+
+
+def start_pool(settings: RedisSettings, role: str, queue: str, count: int, working_dir: str) -> tuple[int, Path]:
+    """Start a detached pool of `count` workers on `queue`; return its pid and log file.
+
+    The Redis URL, password included, travels in the environment, never on the command line where
+    any user of the machine could read it.
+    """
+    log_path = state.log_dir() / f"{role}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    environment = dict(os.environ, **settings.environment())
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, environment.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "assayer.pool", f"--role={role}", f"--queue={queue}", f"--num_workers={count}"]
+    with open(log_path, "ab") as log, open(os.devnull, "rb") as stdin:
+        process = subprocess.Popen(
+            command,
+            stdin=stdin,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=working_dir,
+            env=environment,
+            start_new_session=True,
+        )
+    return process.pid, log_path
+
+
+def running_pools(connection: redis.Redis) -> dict[str, dict]:
+    """Return the live pools by name, dropping names whose record expired (a pool killed with SIGKILL)."""
+    names = sorted(member.decode() for member in connection.smembers(POOLS_KEY))
+    with connection.pipeline(transaction=False) as pipeline:
+        for name in names:
+            pipeline.get(pool_key(name))
+        values = pipeline.execute()
+    pools = {}
+    for name, value in zip(names, values):
+        if value is None:
+            connection.srem(POOLS_KEY, name)
+        else:
+            pools[name] = json.loads(value)
+    return pools
+
+
+def assayer_workers(connection: redis.Redis) -> list[Worker]:
+    """Return the registered workers whose names mark them as assayer's."""
+    return [worker for worker in Worker.all(connection=connection) if is_assayer_worker(worker.name)]
