@@ -97,3 +97,103 @@ def run_command(module: str, *args: str, env: dict | None = None, cwd=None, time
         cwd=cwd,
         timeout=timeout,
     )
+
+
+def stays_true(condition, seconds: float, interval: float = 0.1, message: str = "condition") -> None:
+    """Check `condition` repeatedly for `seconds` and fail the test the first time it is false."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert condition(), f"{message} stopped holding"
+        time.sleep(interval)
+
+
+EVALUATOR_SOURCE = '''
+import json
+import os
+
+from helper import label
+
+
+def record(checkpoint_path):
+    """Append one line per call, so tests can count evaluations exactly."""
+    size = sum(
+        os.path.getsize(os.path.join(folder, name))
+        for folder, _, names in os.walk(checkpoint_path)
+        for name in names
+    ) if os.path.isdir(checkpoint_path) else os.path.getsize(checkpoint_path)
+    files = sorted(os.listdir(checkpoint_path)) if os.path.isdir(checkpoint_path) else []
+    line = {"path": checkpoint_path, "size": size, "files": files, "label": label()}
+    with open(os.environ.get("EVALUATIONS_LOG", os.path.join(os.path.dirname(__file__), "evaluations.jsonl")), "a") as log:
+        log.write(json.dumps(line) + "\\n")
+    return {"size": size, "label": label()}
+'''
+
+
+class Watcher:
+    """Runs assayer's commands against the test's Redis and reads what the evaluator saw."""
+
+    def __init__(self, settings: RedisSettings, root: Path):
+        self.settings = settings
+        self.root = root
+        self.directory = root / "checkpoints"
+        self.evaluator_dir = root / "evaluators"
+        self.evaluator_dir.mkdir()
+        (self.evaluator_dir / "helper.py").write_text("def label():\n    return 'from-helper'\n")
+        (self.evaluator_dir / "evaluate.py").write_text(EVALUATOR_SOURCE)
+        self.log = self.evaluator_dir / "evaluations.jsonl"
+        self.elsewhere = root / "elsewhere"
+        self.elsewhere.mkdir()
+
+    @property
+    def evaluator(self) -> str:
+        return f"{self.evaluator_dir / 'evaluate.py'}:record"
+
+    def watch(self, *args: str, directory=None, evaluator=None, check=True):
+        """Run the watch command from an unrelated working directory, with fast polling unless overridden."""
+        command = [
+            f"--redis_url={self.settings.url}",
+            f"--directory={directory or self.directory}",
+            f"--evaluator={evaluator or self.evaluator}",
+            "--num_eval_workers=2",
+        ]
+        if not any(arg.startswith("--polling_interval") for arg in args):
+            command.append("--polling_interval=0.5")
+        result = run_command("assayer.watch", *command, *args, cwd=self.elsewhere)
+        if check:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    def shutdown(self, *args: str):
+        return run_command("assayer.shutdown", f"--redis_url={self.settings.url}", *args, cwd=self.elsewhere)
+
+    def evaluations(self) -> list[dict]:
+        import json
+
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def evaluated_paths(self) -> list[str]:
+        return sorted(os.path.relpath(line["path"], self.directory) for line in self.evaluations())
+
+
+def stop_everything(settings: RedisSettings) -> None:
+    """Stop every pool the test started, by pid, even when shutdown itself is what failed."""
+    from assayer import workers
+
+    client = settings.connect()
+    pids = {pool["pid"] for pool in workers.running_pools(client).values()}
+    run_command("assayer.shutdown", f"--redis_url={settings.url}", "--force", "--timeout=20")
+    pids |= {worker.pid for worker in workers.assayer_workers(client)}
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def watcher(settings, tmp_path):
+    watcher = Watcher(settings, tmp_path)
+    yield watcher
+    stop_everything(settings)

@@ -76,7 +76,11 @@ def _survey(
     except FileNotFoundError:
         if missing % LOG_EVERY_N_MISSING == 0:
             logging.warning("watch %s: directory %s does not exist; watching on", config.watch_id, config.directory)
-        return Survey(missing_polls=missing + 1)
+        survey = Survey(missing_polls=missing + 1)
+        if last_digest is None:
+            # The first poll found no folder: everything that appears in it later is new.
+            survey.plan, survey.listing_digest = Plan(), digest({})
+        return survey
     if missing:
         logging.info("watch %s: directory %s exists now", config.watch_id, config.directory)
     listing_digest = digest(listing)
