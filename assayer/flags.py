@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from assayer.connection import RedisSettings
 from assayer.errors import UsageError
@@ -57,7 +57,18 @@ def run_main(main: Callable[[Sequence[str]], int | None]) -> None:
             print(f"{program}: error: {error}", file=sys.stderr)
             return 1
 
-    app.run(main_reporting_usage_errors)
+    def parse_flags(argv: list[str]) -> list[str]:
+        try:
+            remaining = FLAGS(argv)
+        except flags.Error as error:
+            print(f"{program}: error: {error} (see --helpshort)", file=sys.stderr)
+            sys.exit(1)
+        if not FLAGS["verbosity"].present:
+            # The commands talk to the user in plain lines on stdout; their logs are for --verbosity=0.
+            logging.set_verbosity(logging.WARNING)
+        return remaining
+
+    app.run(main_reporting_usage_errors, flags_parser=parse_flags)
 
 
 def program_name(main: Callable) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from assayer import flags as assayer_flags
 from assayer import teardown
 from assayer.connection import UnreachableError
 from assayer.flags import define_redis_flags, redis_settings_from_flags, run_main
@@ -19,6 +20,7 @@ FORCE = flags.DEFINE_boolean("force", False, "Stop running evaluations now inste
 STOP_REDIS = flags.DEFINE_boolean("stop_redis", False, "Also stop the Redis server, if assayer started it.")
 TIMEOUT = flags.DEFINE_float("timeout", 60, "Seconds to wait for idle workers to exit.")
 define_redis_flags()
+flags.adopt_module_key_flags(assayer_flags)
 
 
 def main(argv: list[str]) -> None:

@@ -11,6 +11,7 @@ import os
 from absl import flags, logging
 
 from assayer import control
+from assayer import flags as assayer_flags
 from assayer.config import DEFAULT_REGEX, WatchConfig
 from assayer.evaluator import normalize
 from assayer.flags import define_redis_flags, redis_settings_from_flags, run_main
@@ -64,6 +65,7 @@ TENSORBOARD_DIR = flags.DEFINE_string(
     "tensorboard_dir", None, "Write each evaluation's scalar metrics there as TensorBoard scalars, one run per watch."
 )
 define_redis_flags()
+flags.adopt_module_key_flags(assayer_flags)
 
 
 def main(argv: list[str]) -> None:
