@@ -158,16 +158,18 @@ def test_unreachable_redis_without_launch(folder, state_home):
     assert "secret" not in result.stdout + result.stderr
 
 
-def test_remote_redis_is_never_launched(folder, state_home):
+def test_other_host_is_never_launched(folder, state_home):
+    # 127.0.0.2 stands for another machine: only localhost, 127.0.0.1, ::1 and unix sockets count as local.
+    port = free_port()
     result = run_command(
         "assayer.watch",
-        "--redis_url=redis://:secret@redis.invalid:6379/0",
+        f"--redis_url=redis://:secret@127.0.0.2:{port}/0",
         "--directory=ckpt",
         "--evaluator=good.py:evaluate",
         cwd=folder,
     )
     assert result.returncode == 1
-    assert result.stderr.startswith("watch: error: cannot reach Redis at redis://***@redis.invalid:6379/0 (")
+    assert result.stderr.startswith(f"watch: error: cannot reach Redis at redis://***@127.0.0.2:{port}/0 (")
     assert "secret" not in result.stdout + result.stderr
     assert not (state_home / "assayer" / "redis").exists()
 
