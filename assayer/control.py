@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import redis
+from rq import Queue
 
 from assayer import checkpoints, evaluator, server, watches, workers
 from assayer.config import WatchConfig
@@ -88,6 +89,9 @@ def start_watch(
     settings, client = connect(settings, launch_redis, out)
     _describe_directory(config, eval_existing, out)
     outcome = watches.start(client, config, eval_existing)
+    # RQ lists a queue once a job was enqueued on it; register both now so `rq info` shows them at once.
+    for name in (config.watch_queue, config.eval_queue):
+        client.sadd(Queue.redis_queues_keys, Queue(name, connection=client).key)
     verb = {"started": "watching", "resumed": "resumed watching", "running": "already watching"}[outcome]
     out(
         f"{verb} {config.directory} with {config.evaluator}, polling every {config.polling_interval:g} s "
