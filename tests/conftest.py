@@ -123,7 +123,8 @@ def record(checkpoint_path):
     ) if os.path.isdir(checkpoint_path) else os.path.getsize(checkpoint_path)
     files = sorted(os.listdir(checkpoint_path)) if os.path.isdir(checkpoint_path) else []
     line = {"path": checkpoint_path, "size": size, "files": files, "label": label()}
-    with open(os.environ.get("EVALUATIONS_LOG", os.path.join(os.path.dirname(__file__), "evaluations.jsonl")), "a") as log:
+    log_path = os.path.join(os.path.dirname(__file__), "evaluations.jsonl")
+    with open(log_path, "a") as log:
         log.write(json.dumps(line) + "\\n")
     return {"size": size, "label": label()}
 '''
@@ -197,3 +198,67 @@ def watcher(settings, tmp_path):
     watcher = Watcher(settings, tmp_path)
     yield watcher
     stop_everything(settings)
+
+
+LONG_EVALUATION_SECONDS = 185
+"""Longer than RQ's default job timeout of 180 s, which evaluation jobs must not inherit."""
+
+LONG_EVALUATOR_SOURCE = f"""
+import time
+
+
+def evaluate(checkpoint_path):
+    began = time.monotonic()
+    time.sleep({LONG_EVALUATION_SECONDS})
+    return {{"seconds": time.monotonic() - began}}
+"""
+
+
+@pytest.fixture(scope="session")
+def long_evaluation(redis_server, tmp_path_factory):
+    """A watch, started once per session in its own Redis database, whose evaluation outlasts RQ's default timeout.
+
+    It runs beside the rest of the suite; the test that checks it runs last, so the suite waits for it only
+    as long as the other tests did not already take.
+    """
+    root = tmp_path_factory.mktemp("long")
+    settings = RedisSettings(redis_server.url.rsplit("/", 1)[0] + "/1")
+    settings.connect().flushdb()
+    (root / "checkpoints").mkdir()
+    (root / "checkpoints" / "model_epoch1.pt").write_bytes(b"weights")
+    (root / "slow.py").write_text(LONG_EVALUATOR_SOURCE)
+    environment = {"XDG_STATE_HOME": str(root / "state")}
+    started = time.monotonic()
+    result = run_command(
+        "assayer.watch",
+        f"--redis_url={settings.url}",
+        f"--directory={root / 'checkpoints'}",
+        f"--evaluator={root / 'slow.py'}:evaluate",
+        "--eval_existing",
+        "--num_eval_workers=1",
+        "--polling_interval=1",
+        "--watch_queue_name=long-watch",
+        "--eval_queue_name=long-evaluation",
+        env=environment,
+        cwd=root,
+    )
+    assert result.returncode == 0, result.stderr
+    yield settings, started
+    stop_everything(settings)
+    settings.connect().flushdb()
+
+
+def pytest_collection_modifyitems(items):
+    """Run the tests marked `runs_last` after all others."""
+    items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "runs_last: run after every other test, to overlap with them")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_long_evaluation_early(request):
+    """Start the long evaluation at the beginning of the session when a collected test needs it."""
+    if any("long_evaluation" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("long_evaluation")
