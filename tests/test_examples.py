@@ -205,3 +205,52 @@ def test_mnist_eval_reports_missing_data(tmp_path, tiny_mnist):
     assert "FileNotFoundError" in result.stderr
     assert "MNIST_DATA_DIR" in result.stderr
     assert not (tmp_path / "evals").exists()
+
+
+def test_mnist_watched_while_training(watcher, connection, tiny_mnist):
+    pytest.importorskip("torch")
+    from conftest import run_command, wait_for
+
+    from assayer import records
+
+    evaluator = f"{MNIST / 'eval.py'}:eval_from_checkpoint"
+    result = run_command(
+        "assayer.watch",
+        f"--redis_url={watcher.settings.url}",
+        f"--directory={watcher.directory}",
+        f"--evaluator={evaluator}",
+        "--polling_interval=1",
+        "--num_eval_workers=1",
+        env={"MNIST_DATA_DIR": str(tiny_mnist)},
+        cwd=watcher.elsewhere,
+    )
+    assert result.returncode == 0, result.stderr
+    trained = run_python(
+        str(MNIST / "train.py"),
+        "--data_dir",
+        str(tiny_mnist),
+        "--checkpoint_dir",
+        str(watcher.directory),
+        "--epochs",
+        "2",
+        "--batch_size",
+        "32",
+        cwd=watcher.root,
+    )
+    assert trained.returncode == 0, trained.stderr
+
+    def finished():
+        rows = [
+            row
+            for config, _ in records.load_watches(connection)
+            for row in records.load_all(connection, config.watch_id)
+        ]
+        done = [row for row in rows if row["state"] in (records.FINISHED, records.FAILED)]
+        return sorted(done, key=lambda row: row["step"]) if len(done) == 2 else None
+
+    rows = wait_for(finished, 90, message="both epochs evaluated")
+    assert [row["name"] for row in rows] == ["model_epoch1.pt", "model_epoch2.pt"]
+    assert [row["state"] for row in rows] == [records.FINISHED, records.FINISHED]
+    for row in rows:
+        assert set(row["result"]) == {"accuracy", "loss"}
+        assert (watcher.root / "evals" / f"{row['name'][:-3]}.json").exists()
