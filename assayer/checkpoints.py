@@ -17,6 +17,11 @@ TEMPORARY_INFIX = ".orbax-checkpoint-tmp"
 Hidden names cover editors' and rsync's partial files; `tmp-checkpoint-*` is Hugging Face Trainer's
 staging folder; `*.orbax-checkpoint-tmp*` is Orbax's, renamed to the step's name once complete."""
 
+EXTENSIONS = re.compile(r"(\.([A-Za-z]+|h5|hdf5|pt2|bf16|fp16|fp32|fp8|int4|int8))+$", re.IGNORECASE)
+"""File extensions at the end of a path, such as `.h5`, `.pt2` or `.bf16.safetensors`, whose digits are not a step.
+
+Only these digit-carrying extensions are cut, so the step of `model.epoch3` or `weights.e10.pt` is still found."""
+
 DISTCP_SUFFIX = ".distcp"
 DISTCP_METADATA = ".metadata"
 SHARD_INDEX_SUFFIX = ".index.json"
@@ -83,24 +88,28 @@ def scan(directory: str, pattern: re.Pattern[str]) -> dict[str, Checkpoint]:
 def missing_parts(path: str, ready_marker: str | None) -> str | None:
     """Return what a folder checkpoint still lacks by its format's own rules, or None when it is complete.
 
-    torch.distributed.checkpoint writes `.metadata` after its `*.distcp` shards; a sharded Hugging Face
-    checkpoint lists its shards in `*.index.json`; `ready_marker` names a file written last (Orbax's
-    `commit_success.txt`, say). A file checkpoint has no such rules.
+    `ready_marker` names a file written last into the checkpoint folder (Orbax's `commit_success.txt`,
+    say). In the folder and in every folder below it, torch.distributed.checkpoint writes `.metadata`
+    after its `*.distcp` shards, and a sharded Hugging Face checkpoint lists its shards in
+    `*.index.json`. A file checkpoint has no such rules. A folder that cannot be listed (it vanished,
+    say) is not complete.
     """
     try:
         names = set(os.listdir(path))
     except NotADirectoryError:
         return None
+    except OSError as error:
+        return f"folder cannot be listed: {error.strerror or error}"
     if not names:
         return "folder is empty"
     if ready_marker and ready_marker not in names:
         return f"ready marker {ready_marker} not written yet"
-    if DISTCP_METADATA not in names and any(name.endswith(DISTCP_SUFFIX) for name in names):
-        return f"{DISTCP_METADATA} of the distributed checkpoint not written yet"
-    for index in sorted(name for name in names if name.endswith(SHARD_INDEX_SUFFIX)):
-        missing = _missing_shards(os.path.join(path, index), names)
+    for folder, subfolders, files in os.walk(path):
+        subfolders.sort()
+        missing = _missing_in_folder(folder, set(files) | set(subfolders))
         if missing:
-            return f"{index} lists shards not written yet: {', '.join(missing[:3])}"
+            where = os.path.relpath(folder, path)
+            return missing if where == "." else f"{where}/: {missing}"
     return None
 
 
@@ -108,14 +117,15 @@ def step_of(relative: str, pattern: re.Pattern[str]) -> int | None:
     """Return the training step in a checkpoint's relative path.
 
     That is the regex's named group `step` when it has one and it captured digits, else the last integer
-    in the path (`model_epoch3.pt` is 3, `run2/checkpoint-500` is 500), else None.
+    in the path once the file extensions are cut off (`model_epoch3.pt` is 3, `run2/checkpoint-500` is
+    500, `checkpoint-500.h5` is 500), else None.
     """
     if "step" in pattern.groupindex:
         match = pattern.match(relative)
         captured = match.group("step") if match else None
         if captured and captured.isdigit():
             return int(captured)
-    numbers = re.findall(r"\d+", relative)
+    numbers = re.findall(r"\d+", EXTENSIONS.sub("", relative))
     return int(numbers[-1]) if numbers else None
 
 
@@ -162,11 +172,25 @@ def _describe_folder(path: str) -> Checkpoint:
     return Checkpoint(f"d{count}:{size}:{newest}", newest / 1e9, is_dir=True)
 
 
-def _missing_shards(index_path: str, names: set[str]) -> list[str]:
+def _missing_in_folder(folder: str, names: set[str]) -> str | None:
+    """Return what one folder of a checkpoint lacks by the distributed-checkpoint and shard-index rules."""
+    if DISTCP_METADATA not in names and any(name.endswith(DISTCP_SUFFIX) for name in names):
+        return f"{DISTCP_METADATA} of the distributed checkpoint not written yet"
+    for index in sorted(name for name in names if name.endswith(SHARD_INDEX_SUFFIX)):
+        missing = _missing_shards(os.path.join(folder, index))
+        if missing:
+            return f"{index} lists shards not written yet: {', '.join(missing[:3])}"
+    return None
+
+
+def _missing_shards(index_path: str) -> list[str]:
     try:
         with open(index_path) as file:
             weight_map = json.load(file).get("weight_map", {})
-    except (OSError, ValueError, AttributeError):
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, AttributeError, TypeError):
+        shards = None
+    if shards is None or not all(isinstance(shard, str) for shard in shards):
         return [f"{os.path.basename(index_path)} (unreadable or half-written)"]
-    shards = sorted(set(weight_map.values()))
-    return [shard for shard in shards if shard.split("/", 1)[0] not in names]
+    folder = os.path.dirname(index_path)
+    return [shard for shard in shards if not os.path.isfile(os.path.join(folder, shard))]
