@@ -10,7 +10,7 @@ from collections.abc import Callable
 import redis
 from absl import logging
 from rq import Queue
-from rq.command import send_kill_horse_command, send_shutdown_command, send_stop_job_command
+from rq.command import send_shutdown_command, send_stop_job_command
 from rq.job import Job
 from rq.worker import WorkerStatus
 
@@ -82,9 +82,11 @@ def _request_worker_stop(client: redis.Redis, force: bool) -> None:
     for worker in workers.assayer_workers(client):
         if worker.name in in_pools:
             continue  # Its pool stops it, and would replace it if it stopped on its own.
-        # A worker started by hand with `rq worker -w assayer.workers...` gets RQ's own commands.
-        if force and worker.get_state() == WorkerStatus.BUSY:
-            send_kill_horse_command(client, worker.name)
+        # A worker started by hand with `rq worker -w assayer.workers...` gets RQ's own commands. Stopping
+        # its job, rather than killing its work horse, records the evaluation as stopped, not failed.
+        job_id = worker.get_current_job_id() if force and worker.get_state() == WorkerStatus.BUSY else None
+        if job_id is not None:
+            send_stop_job_command(client, job_id)
         send_shutdown_command(client, worker.name)
     logging.info("shutdown: %s stop requested from %d pools", mode, len(pools))
 
@@ -101,11 +103,18 @@ def _wait_for_workers(client: redis.Redis, timeout: float, allow_busy: bool) -> 
         registered = workers.assayer_workers(client)
         busy = {worker.name for worker in registered if allow_busy and worker.get_state() == WorkerStatus.BUSY}
         waiting = [worker.name for worker in registered if worker.name not in busy]
+        finishing_pools = set()
         for name, pool in workers.running_pools(client).items():
-            if not busy.intersection(pool.get("workers", [])):
+            if busy.intersection(pool.get("workers", [])):
+                finishing_pools.add((pool.get("host"), pool.get("pid")))
+            else:
                 waiting.append(name)
         # A pool removes its record just before it exits; on this machine, wait for the exit itself.
-        waiting += [str(pid) for pid in _local_pool_pids(client, host) if _process_exists(pid)]
+        waiting += [
+            str(pid)
+            for pid in _local_pool_pids(client, host)
+            if (host, pid) not in finishing_pools and _process_exists(pid)
+        ]
         if not waiting or time.monotonic() > deadline:
             return [worker.name for worker in registered]
         time.sleep(0.2)

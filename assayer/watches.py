@@ -8,12 +8,15 @@ finds itself stale and ends. That is what keeps a watch from ever running as two
 
 from __future__ import annotations
 
+import os
+import socket
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import redis
 from absl import logging
-from rq import Queue
+from rq import Queue, Worker
 from rq.callbacks import Callback
 from rq.job import Job, JobStatus, Retry
 
@@ -24,6 +27,8 @@ ACTIVE, STOPPED = "active", "stopped"
 POLL_FUNCTION = "assayer.jobs.watch_job.poll"
 EVALUATE_FUNCTION = "assayer.jobs.eval_job.evaluate"
 RECORD_FAILURE_FUNCTION = "assayer.jobs.eval_job.record_failure"
+RECORD_STOPPED_FUNCTION = "assayer.jobs.eval_job.record_stopped"
+LINK_PREFIX = "assayer-watch-"
 
 MIN_STALE_SECONDS = 15.0
 """A chain whose last poll is older than this (or 3 polling intervals, if longer) is revived."""
@@ -33,10 +38,19 @@ RETRY_MAX_SECONDS = 600
 """Pauses before the retries of a failed evaluation: 5 s, 10 s, 20 s, ... at most 10 min."""
 
 LIVE_JOB_STATES = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.STARTED, JobStatus.DEFERRED)
+_WAITING_STATUSES = (JobStatus.QUEUED.value.encode(), JobStatus.SCHEDULED.value.encode())
 
 
 def link_id(watch_id: str, sequence: int) -> str:
-    return f"assayer-watch-{watch_id}-{sequence}"
+    return f"{LINK_PREFIX}{watch_id}-{sequence}"
+
+
+def watch_of_link(job_id: str) -> str | None:
+    """Return the watch id in a poll job's id, or None when `job_id` is not a poll job's."""
+    if not job_id.startswith(LINK_PREFIX):
+        return None
+    watch_id, _, sequence = job_id[len(LINK_PREFIX) :].rpartition("-")
+    return watch_id if watch_id and sequence.isdigit() else None
 
 
 def stale_after(config: WatchConfig) -> float:
@@ -52,18 +66,21 @@ def start(connection: redis.Redis, config: WatchConfig, eval_existing: bool) -> 
     makes the next poll evaluate every checkpoint present, except versions that already have a record.
     """
     key = records.watch_key(config.watch_id)
+    queue = Queue(config.watch_queue, connection=connection)
     with connection.pipeline() as pipeline:
         while True:
             try:
                 pipeline.watch(key)
-                state, polled_at, sequence = pipeline.hmget(key, "state", "polled_at", "seq")
+                state, token, polled_at, sequence = pipeline.hmget(key, "state", "token", "polled_at", "seq")
                 alive = state == ACTIVE.encode() and _recent(polled_at, config)
+                waiting_link = None if alive else _waiting_link(pipeline, token)
                 pipeline.multi()
                 pipeline.hset(key, mapping={"config": config.to_json(), "state": ACTIVE})
                 pipeline.sadd(records.WATCHES_KEY, config.watch_id)
                 if eval_existing:
                     pipeline.hset(key, "backfill", "1")
                 if not alive:
+                    _drop_link(pipeline, queue, waiting_link)
                     _seed(connection, pipeline, config, int(sequence or 0) + 1, first=sequence is None)
                 pipeline.execute()
                 break
@@ -83,7 +100,7 @@ def stop(connection: redis.Redis, config: WatchConfig) -> int:
     """
     watch_id = config.watch_id
     connection.hset(records.watch_key(watch_id), mapping={"state": STOPPED, "token": ""})
-    remove_jobs(connection, config.watch_queue, f"assayer-watch-{watch_id}-")
+    remove_jobs(connection, config.watch_queue, f"{LINK_PREFIX}{watch_id}-")
     removed = remove_jobs(connection, config.eval_queue, f"assayer-eval-{watch_id}-")
     logging.info("watch %s: stopped (%s), %d queued evaluations removed", watch_id, config.directory, removed)
     return removed
@@ -108,15 +125,29 @@ def remove_jobs(connection: redis.Redis, queue_name: str, prefix: str) -> int:
 def revive_stale(connection: redis.Redis) -> list[str]:
     """Seed a new chain for every active watch whose polls have stopped; return their ids.
 
-    A chain is lost when a watch worker dies in the middle of a poll, or when Redis restarts from a
-    snapshot taken while a link was queued. The old token is replaced, so a late link of the old chain
-    ends on its own.
+    A chain is lost when a watch worker dies in the middle of a poll, when a poll fails before it
+    schedules its successor (Redis unreachable, say), or when Redis restarts from a snapshot taken while a
+    link was queued. The old token is replaced, so a late link of the old chain ends on its own.
     """
     revived = []
     for config, fields in records.load_watches(connection):
         if fields.get("state") != ACTIVE or _recent(fields.get("polled_at"), config):
             continue
-        if _reseed_if_stale(connection, config):
+        token = fields.get("token")
+        # NOTE: only a worker on this machine can be checked. A slow poll on another machine is therefore
+        # revived like a lost one, and it ends without committing while the new link polls again.
+        if token and _runs_on_live_local_worker(connection, token):
+            logging.log_every_n_seconds(
+                logging.INFO,
+                "watch %s: poll %s has run past %.0f s; waiting for it (%s)",
+                60,
+                config.watch_id,
+                token,
+                stale_after(config),
+                config.directory,
+            )
+            continue
+        if _reseed(connection, config, lambda token, polled_at: not _recent(polled_at, config)):
             logging.warning(
                 "watch %s: no poll for %.0f s, chain revived (%s)",
                 config.watch_id,
@@ -124,6 +155,28 @@ def revive_stale(connection: redis.Redis) -> list[str]:
                 config.directory,
             )
             revived.append(config.watch_id)
+    return revived
+
+
+def recover_lost_link(connection: redis.Redis, job_id: str) -> bool:
+    """Clean up after poll job `job_id`, whose worker died running it; return whether its chain was revived.
+
+    The job is deleted, which takes it out of the started job registry. If it still held its watch's
+    token, a new chain is seeded at once instead of after the chain goes stale.
+    """
+    watch_id = watch_of_link(job_id)
+    if watch_id is None:
+        return False
+    raw = connection.hget(records.watch_key(watch_id), "config")
+    config = WatchConfig.from_json(raw) if raw is not None else None
+    revived = config is not None and _reseed(connection, config, lambda token, polled_at: token == job_id.encode())
+    job = _fetch(connection, job_id)
+    if job is not None:
+        job.delete()
+    if revived:
+        logging.warning(
+            "watch %s: the worker running poll %s died; chain revived (%s)", watch_id, job_id, config.directory
+        )
     return revived
 
 
@@ -163,6 +216,7 @@ def evaluation_job_arguments(config: WatchConfig, relative: str, version: str, s
         "timeout": config.eval_timeout or -1,
         "retry": retry,
         "on_failure": Callback(RECORD_FAILURE_FUNCTION),
+        "on_stopped": Callback(RECORD_STOPPED_FUNCTION),
     }
 
 
@@ -198,21 +252,65 @@ def _seed(connection: redis.Redis, pipeline, config: WatchConfig, sequence: int,
     schedule_link(connection, pipeline, config, token, delay=0)
 
 
-def _reseed_if_stale(connection: redis.Redis, config: WatchConfig) -> bool:
+def _reseed(connection: redis.Redis, config: WatchConfig, is_lost: Callable[[bytes | None, bytes | None], bool]):
+    """Seed a new chain if the watch is active and `is_lost(token, polled_at)` is true; return whether it did."""
     key = records.watch_key(config.watch_id)
+    queue = Queue(config.watch_queue, connection=connection)
     with connection.pipeline() as pipeline:
         try:
             pipeline.watch(key)
-            state, polled_at, sequence = pipeline.hmget(key, "state", "polled_at", "seq")
-            if state != ACTIVE.encode() or _recent(polled_at, config):
+            state, token, polled_at, sequence = pipeline.hmget(key, "state", "token", "polled_at", "seq")
+            if state != ACTIVE.encode() or not is_lost(token, polled_at):
                 pipeline.unwatch()
                 return False
+            waiting_link = _waiting_link(pipeline, token)
             pipeline.multi()
+            _drop_link(pipeline, queue, waiting_link)
             _seed(connection, pipeline, config, int(sequence or 0) + 1, first=False)
             pipeline.execute()
             return True
         except redis.WatchError:
             return False
+
+
+def _waiting_link(pipeline, token: bytes | None) -> str | None:
+    """Return the poll job `token` if it waits in the queue or the scheduled job registry.
+
+    Called before MULTI. The job is watched too, so that a worker taking it meanwhile aborts the transaction.
+    """
+    if not token:
+        return None
+    job_key = Job.key_for(token.decode())
+    pipeline.watch(job_key)
+    status = pipeline.hget(job_key, "status")
+    return token.decode() if status in _WAITING_STATUSES else None
+
+
+def _drop_link(pipeline, queue: Queue, job_id: str | None) -> None:
+    """Delete a waiting poll job that a new chain replaces, so that it does not run just to find itself stale."""
+    if job_id is None:
+        return
+    queue.remove(job_id, pipeline=pipeline)
+    queue.scheduled_job_registry.remove(job_id, pipeline=pipeline)
+    pipeline.delete(Job.key_for(job_id))
+
+
+def _runs_on_live_local_worker(connection: redis.Redis, job_id: str) -> bool:
+    """Return whether job `job_id` runs on a worker whose process on this machine is alive."""
+    status, worker_name = connection.hmget(Job.key_for(job_id), "status", "worker_name")
+    if status != JobStatus.STARTED.value.encode() or not worker_name:
+        return False
+    worker_key = Worker.redis_worker_namespace_prefix + worker_name.decode()
+    hostname, pid = connection.hmget(worker_key, "hostname", "pid")
+    if hostname is None or hostname.decode() != socket.gethostname() or not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _recent(polled_at: bytes | str | None, config: WatchConfig) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 import redis
 from absl import logging
 from rq import SimpleWorker, Worker
+from rq.worker import BaseWorker
 
 from assayer import records, state
 from assayer.connection import RedisSettings
@@ -33,6 +34,12 @@ POOL_TTL = 30
 
 MAINTENANCE_SECONDS = 30
 """How often assayer's workers clean RQ's registries, which retries or fails evaluations of dead workers."""
+
+RECONNECT_MAX_SECONDS = 10.0
+"""Maximum pause between a worker's attempts to reach Redis again; RQ 3.0's own maximum is 60 s."""
+
+REDIS_DOWN_LOG_SECONDS = 60.0
+"""While Redis stays unreachable, a worker logs the failure of its command channel at most this often."""
 
 WATCH, EVALUATION = "watch", "eval"
 
@@ -51,19 +58,70 @@ def worker_name(role: str, name: str | None) -> str:
     return f"{WORKER_PREFIX}{role}-{socket.gethostname()}-{(name or uuid.uuid4().hex)[:10]}"
 
 
-class WatchWorker(SimpleWorker):
+class AssayerWorker(BaseWorker):
+    """Base of assayer's two worker classes, with quick reconnection to Redis and a prompt exit.
+
+    A worker of RQ 3.0 with redis-py 8 can take a minute to exit. Its `unsubscribe()` sends UNSUBSCRIBE
+    before it stops the command channel's thread, so that thread may already be back in a read that waits
+    up to 60 s, and it then joins the thread without a timeout. Stopping the thread first lets the
+    UNSUBSCRIBE reply end the read.
+    """
+
+    max_connection_wait_time = RECONNECT_MAX_SECONDS
+
+    def __init__(self, queues, name: str | None = None, **kwargs):
+        kwargs.setdefault("maintenance_interval", MAINTENANCE_SECONDS)
+        super().__init__(queues, name=name, **kwargs)
+        self._channel_failing_since: float | None = None
+        self._channel_logged_at = 0.0
+
+    def unsubscribe(self) -> None:
+        if not self.pubsub_thread:
+            return
+        self.pubsub_thread.stop(timeout=0)
+        try:
+            self.pubsub.unsubscribe()
+        except redis.RedisError as error:
+            logging.debug("worker %s: unsubscribing failed: %s", self.name, error)
+        self.pubsub_thread.join(timeout=1)
+        self.pubsub.close()
+
+    def _pubsub_exception_handler(self, exc: Exception, pubsub, pubsub_thread) -> None:
+        if not isinstance(exc, redis.ConnectionError):
+            logging.warning("worker %s: command channel stopped: %s", self.name, exc)
+            raise exc
+        now = time.monotonic()
+        if self._channel_failing_since is None:
+            self._channel_failing_since = now
+        if now - self._channel_logged_at >= REDIS_DOWN_LOG_SECONDS:
+            self._channel_logged_at = now
+            logging.warning(
+                "worker %s: command channel cannot reach Redis for %.0f s (%s); retrying every 2 s",
+                self.name,
+                now - self._channel_failing_since,
+                exc,
+            )
+        time.sleep(2.0)
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
+        super().heartbeat(timeout, pipeline)
+        if pipeline is None:
+            # This heartbeat reached Redis, so the command channel's next outage is logged at once.
+            self._channel_failing_since = None
+            self._channel_logged_at = 0.0
+
+
+class WatchWorker(AssayerWorker, SimpleWorker):
     """Runs poll jobs in its own process: a poll is short, trusted code, so a fork per poll is waste."""
 
     def __init__(self, queues, name: str | None = None, **kwargs):
-        kwargs.setdefault("maintenance_interval", MAINTENANCE_SECONDS)
         super().__init__(queues, name=worker_name(WATCH, name), **kwargs)
 
 
-class EvaluationWorker(Worker):
+class EvaluationWorker(AssayerWorker, Worker):
     """Runs each evaluation in a forked work horse, so memory an evaluator holds is freed after it."""
 
     def __init__(self, queues, name: str | None = None, **kwargs):
-        kwargs.setdefault("maintenance_interval", MAINTENANCE_SECONDS)
         super().__init__(queues, name=worker_name(EVALUATION, name), **kwargs)
 
     def handle_work_horse_killed(self, job, retpid, ret_val, rusage):
@@ -78,6 +136,32 @@ class EvaluationWorker(Worker):
             record_failure(job, self.connection, EvaluationKilled, EvaluationKilled(reason), None)
         except Exception:
             logging.exception("worker %s: recording the failure of job %s failed", self.name, job.id)
+
+    def request_force_stop(self, signum, frame):
+        """Stop now, killing a running evaluation, and leave its job stopped and its record queued again.
+
+        Without this the job would stay `started` until RQ's maintenance found it abandoned, and then count
+        as a failure of the evaluator.
+        """
+        execution = self.execution if self.horse_pid else None
+        try:
+            super().request_force_stop(signum, frame)
+        except SystemExit:
+            if execution is not None:
+                self._stop_interrupted(execution)
+            raise
+
+    def _stop_interrupted(self, execution) -> None:
+        from assayer.jobs.eval_job import record_stopped
+
+        try:
+            job = self.job_class.fetch(execution.job_id, connection=self.connection, serializer=self.serializer)
+            queue = self.queue_class(job.origin, connection=self.connection, serializer=self.serializer)
+            self._stopped_job_id = job.id
+            self.handle_job_failure(job, queue, exc_string="stopped by a forced shutdown", execution=execution)
+            record_stopped(job, self.connection)
+        except Exception:
+            logging.exception("worker %s: recording the stop of job %s failed", self.name, execution.job_id)
 
 
 class EvaluationKilled(Exception):

@@ -15,6 +15,9 @@ from rq.job import Job
 from assayer import evaluator, records
 from assayer.config import WatchConfig
 
+STOPPED_ERROR = "stopped by a forced shutdown; evaluated again when the watch resumes"
+"""The error of a record whose evaluation a forced shutdown stopped."""
+
 
 def evaluate(config_json: str, relative: str, version: str, step: int | None) -> Any:
     """Evaluate one checkpoint version and return what the evaluator returned.
@@ -49,6 +52,9 @@ def evaluate(config_json: str, relative: str, version: str, step: int | None) ->
     began = time.monotonic()
     result = function(path)
     duration = time.monotonic() - began
+    if config.tensorboard_dir:
+        # Before the record says finished, so that a finished record means its scalars are written too.
+        _write_tensorboard(config, step, result, path)
     records.update(
         connection,
         watch_id,
@@ -59,8 +65,6 @@ def evaluate(config_json: str, relative: str, version: str, step: int | None) ->
         result=records.to_json_text(result),
     )
     logging.info("checkpoint %s: evaluated in %.1f s (watch %s)", path, duration, watch_id)
-    if config.tensorboard_dir:
-        _write_tensorboard(config, step, result, path)
     return result
 
 
@@ -92,6 +96,22 @@ def record_failure(job: Job, connection, exc_type, exc_value, exc_traceback) -> 
         ended_at=time.time(),
     )
     logging.error("checkpoint %s: evaluation failed: %s (watch %s)", path, error, config.watch_id)
+
+
+def record_stopped(job: Job, connection) -> None:
+    """Record an evaluation stopped by a shutdown as queued again, so that resuming the watch reruns it.
+
+    RQ calls this for a job stopped with `shutdown --directory DIR --force`; assayer's evaluation worker
+    calls it for the job it kills on `shutdown --force`.
+    """
+    config_json, relative, version, _step = job.args
+    config = WatchConfig.from_json(config_json)
+    records.update(connection, config.watch_id, version, state=records.QUEUED, error=STOPPED_ERROR, ended_at=None)
+    logging.warning(
+        "checkpoint %s: evaluation stopped by a forced shutdown (watch %s)",
+        os.path.join(config.directory, relative),
+        config.watch_id,
+    )
 
 
 def _last_line(exc_type, exc_value) -> str:
