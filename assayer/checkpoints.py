@@ -136,6 +136,22 @@ def _is_real_dir(entry: os.DirEntry) -> bool:
         return False
 
 
+def describe(path: str) -> Checkpoint | None:
+    """Return the checkpoint at `path` as a listing would see it now, or None when it is gone."""
+    try:
+        if os.path.isdir(path):
+            return _describe_folder(path)
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return Checkpoint(f"{stat.st_size}:{stat.st_mtime_ns}", stat.st_mtime, is_dir=False)
+
+
+def modified_ns(fingerprint: str) -> int:
+    """Return the newest modification time, in nanoseconds, that a fingerprint records."""
+    return int(fingerprint.rsplit(":", 1)[-1])
+
+
 def _describe(entry: os.DirEntry) -> Checkpoint | None:
     try:
         if entry.is_dir():
@@ -184,6 +200,9 @@ def _missing_in_folder(folder: str, names: set[str]) -> str | None:
 
 
 def _missing_shards(index_path: str) -> list[str]:
+    if not os.path.isfile(index_path):
+        # Opening a FIFO or a device under that name would block the poll.
+        return [f"{os.path.basename(index_path)} (not a regular file)"]
     try:
         with open(index_path) as file:
             weight_map = json.load(file).get("weight_map", {})

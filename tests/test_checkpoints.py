@@ -229,3 +229,26 @@ def test_plan_backfill():
     listing = {"a.pt": A, "b.pt": A2}
     result = plan(listing, {"a.pt": "5:1"}, {}, now=106.0, settle_seconds=5, backfill=True)
     assert result == Plan(ready={"a.pt": A}, pending={"b.pt": Pending("9:2", 106.0)})
+
+
+def test_describe_matches_scan(tmp_path):
+    make(tmp_path / "model_epoch1.pt", b"abc")
+    make(tmp_path / "checkpoint-5" / "weights.bin", b"abcd")
+    listing = checkpoints.scan(str(tmp_path), checkpoints.compile_filter(r"^(.*\.pt|checkpoint-\d+)$"))
+    for relative, checkpoint in listing.items():
+        assert checkpoints.describe(str(tmp_path / relative)) == checkpoint
+    assert checkpoints.describe(str(tmp_path / "gone.pt")) is None
+
+
+def test_modified_ns_of_fingerprints():
+    assert checkpoints.modified_ns("123:1700000000000000000") == 1700000000000000000
+    assert checkpoints.modified_ns("d4:4096:1700000000000000001") == 1700000000000000001
+
+
+def test_fifo_index_is_not_opened(tmp_path):
+    folder = tmp_path / "checkpoint-5"
+    folder.mkdir()
+    os.mkfifo(folder / "model.safetensors.index.json")
+    assert checkpoints.missing_parts(str(folder), None) == (
+        "model.safetensors.index.json lists shards not written yet: model.safetensors.index.json (not a regular file)"
+    )

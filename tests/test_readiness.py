@@ -279,6 +279,28 @@ def test_deletions_do_not_end_watch(watcher, connection):
     assert watcher.evaluated_paths() == ["model_epoch2.pt", "model_epoch3.pt"]
 
 
+def test_replaced_before_evaluation_skipped(watcher, connection):
+    # No evaluation worker yet, so the first version is still queued when the trainer rewrites the file.
+    watcher.watch(POLLING, "--num_eval_workers=0")
+    wait_polls(connection, watcher.directory, 1)
+    write(watcher.directory / "last.ckpt", b"a" * 2000)
+    wait_for(lambda: len(watch_records(connection, watcher.directory)) == 1, 20, message="version 1 queued")
+    write(watcher.directory / "last.ckpt", b"b" * 3000)
+    wait_for(lambda: len(watch_records(connection, watcher.directory)) == 2, 20, message="version 2 queued")
+    watcher.watch(POLLING, "--num_watch_workers=0", "--num_eval_workers=1")
+
+    def settled():
+        rows = watch_records(connection, watcher.directory)
+        return rows if all(row["state"] in (records.SKIPPED, records.FINISHED) for row in rows) else None
+
+    rows = wait_for(settled, 20, message="both versions handled")
+    assert [row["state"] for row in rows] == [records.SKIPPED, records.FINISHED]
+    assert rows[0]["reason"] == (
+        "replaced by a newer version before its evaluation started; the newer version is evaluated instead"
+    )
+    assert sizes_by_path(watcher) == {"last.ckpt": [3000]}
+
+
 def test_temporary_names_wait_for_rename(watcher, connection):
     # Every top-level name matches, so only the temporary-name rules keep the staged names out.
     watcher.watch(POLLING, "--regex_filter=^[^/]+$")

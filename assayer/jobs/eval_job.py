@@ -12,7 +12,7 @@ from rq import get_current_job
 from rq.exceptions import AbandonedJobError
 from rq.job import Job
 
-from assayer import evaluator, records
+from assayer import checkpoints, evaluator, records
 from assayer.config import WatchConfig
 
 STOPPED_ERROR = "stopped by a forced shutdown; evaluated again when the watch resumes"
@@ -22,16 +22,16 @@ STOPPED_ERROR = "stopped by a forced shutdown; evaluated again when the watch re
 def evaluate(config_json: str, relative: str, version: str, step: int | None) -> Any:
     """Evaluate one checkpoint version and return what the evaluator returned.
 
-    A checkpoint deleted before its evaluation starts (rotated away by the trainer, say) is recorded as
-    skipped and the evaluator is not called.
+    A checkpoint deleted before its evaluation starts (rotated away by the trainer, say), or replaced by a
+    newer version, is recorded as skipped and the evaluator is not called.
     """
     job = get_current_job()
     connection = job.connection
     config = WatchConfig.from_json(config_json)
     path = os.path.join(config.directory, relative)
     watch_id = config.watch_id
-    if not os.path.exists(path):
-        reason = "deleted before its evaluation started"
+    reason = _reason_to_skip(path, connection.hget(records.record_key(watch_id, version), "fingerprint"))
+    if reason is not None:
         records.update(connection, watch_id, version, state=records.SKIPPED, reason=reason, ended_at=time.time())
         logging.warning("checkpoint %s: skipped, %s (watch %s)", path, reason, watch_id)
         return None
@@ -66,6 +66,18 @@ def evaluate(config_json: str, relative: str, version: str, step: int | None) ->
     )
     logging.info("checkpoint %s: evaluated in %.1f s (watch %s)", path, duration, watch_id)
     return result
+
+
+def _reason_to_skip(path: str, fingerprint: bytes | None) -> str | None:
+    """Return why this version can no longer be evaluated, or None when it still can."""
+    current = checkpoints.describe(path)
+    if current is None:
+        return "deleted before its evaluation started"
+    # Only a newer modification time counts: on a network filesystem this machine's view of the file can
+    # lag behind the watch's, and an older one would skip a version that nobody queues again.
+    if fingerprint and checkpoints.modified_ns(current.fingerprint) > checkpoints.modified_ns(fingerprint.decode()):
+        return "replaced by a newer version before its evaluation started; the newer version is evaluated instead"
+    return None
 
 
 def record_failure(job: Job, connection, exc_type, exc_value, exc_traceback) -> None:
