@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -179,18 +180,46 @@ class Watcher:
 
 
 def stop_everything(settings: RedisSettings) -> None:
-    """Stop every pool the test started, by pid, even when shutdown itself is what failed."""
+    """Kill every pool the test started, with its workers and their work horses, and wait until they are gone.
+
+    Tests of shutdown itself run `python -m assayer.shutdown`; cleanup must not depend on it working.
+    """
     from assayer import workers
 
     client = settings.connect()
-    pids = {pool["pid"] for pool in workers.running_pools(client).values()}
-    run_command("assayer.shutdown", f"--redis_url={settings.url}", "--force", "--timeout=20")
-    pids |= {worker.pid for worker in workers.assayer_workers(client)}
-    for pid in pids:
+    roots = {pool["pid"] for pool in workers.running_pools(client).values()}
+    roots |= {worker.pid for worker in workers.assayer_workers(client) if worker.pid}
+    doomed = set()
+    for root in roots:
+        doomed |= {root} | descendants(root)
+    for pid in doomed:
         try:
-            os.kill(pid, 9)
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in doomed), 20, message="killed processes to exit")
+
+
+def descendants(pid: int) -> set[int]:
+    """Return the pids of every process below `pid`, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                # The command name in brackets may contain spaces, so the parent pid is read after it.
+                parent = int(file.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, stack = set(), [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
 
 
 @pytest.fixture
