@@ -56,7 +56,11 @@ def write_scalars(log_dir: str, config: WatchConfig, step: int | None, result: A
     # tensorboardX names the file after the current second and the host, so the suffix keeps files of
     # calls in the same second apart. Nanoseconds first make later files sort later.
     suffix = f".{time.time_ns()}.{os.getpid()}"
-    writer = summary_writer_class(logdir=run_dir(log_dir, config), filename_suffix=suffix)
+    run = run_dir(log_dir, config)
+    # tensorboardX checks for the folder and then creates it, which fails when another worker creates it
+    # in between; creating it here first, with exist_ok, closes that race.
+    os.makedirs(run, exist_ok=True)
+    writer = summary_writer_class(logdir=run, filename_suffix=suffix)
     try:
         for name, value in metrics.items():
             writer.add_scalar(name, value, global_step=step)
