@@ -26,7 +26,7 @@ CONNECT_TIMEOUT = 5.0
 
 @dataclasses.dataclass(frozen=True)
 class RedisSettings:
-    """Where the Redis server is, as a URL: `redis://`, `rediss://` or `unix://`, with password and db."""
+    """The address of a Redis server as a URL: `redis://`, `rediss://` or `unix://`, with password and db."""
 
     url: str
 
@@ -126,7 +126,7 @@ class RedisSettings:
             ) from error
         except redis.ResponseError as error:
             if "NOAUTH" not in str(error):
-                raise UsageError(f"Redis at {self.masked} failed to answer PING: {error}") from error
+                raise UsageError(f"Redis at {self.masked} returned an error to PING: {error}") from error
             raise UsageError(
                 f"Redis at {self.masked} requires a password; give it in --redis_url, "
                 "e.g. redis://:PASSWORD@host:6379/0"

@@ -1,4 +1,4 @@
-"""What the watch and shutdown commands do, as plain functions of plain values."""
+"""The work of the watch command, as plain functions of plain values."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def check_config(config: WatchConfig, num_watch_workers: int, num_eval_workers: 
     if not config.directory:
         raise UsageError("--directory is required: the folder where training writes its checkpoints")
     if os.path.exists(config.directory) and not os.path.isdir(config.directory):
-        raise UsageError(f"--directory={config.directory} is a file; pass the folder that holds the checkpoints")
+        raise UsageError(f"--directory={config.directory} is a file; pass the folder that contains the checkpoints")
     try:
         checkpoints.compile_filter(config.regex)
     except re.error as error:

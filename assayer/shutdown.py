@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
         client = settings.check()
     except UnreachableError:
         if STOP_REDIS.value:
-            out(f"nothing answers at {settings.masked}; nothing to stop")
+            out(f"no Redis server is listening at {settings.masked}; nothing to stop")
             return
         raise
     if DIRECTORY.value:

@@ -41,7 +41,7 @@ EVAL_QUEUE_NAME = flags.DEFINE_string("eval_queue_name", "evaluation", "RQ queue
 LAUNCH_REDIS = flags.DEFINE_boolean(
     "launch_redis",
     True,
-    "When nothing answers at a local Redis address, start redis-server there: loopback only, with a "
+    "When no server is listening at a local Redis address, start redis-server there: loopback only, with a "
     "password and append-only persistence in the state folder.",
 )
 SETTLE_SECONDS = flags.DEFINE_float(

@@ -82,7 +82,7 @@ CASES = [
     (["--directory=ckpt"], "watch: error: --evaluator is required (see --helpshort)"),
     (
         ["--directory=a_file.pt", "--evaluator=good.py:evaluate"],
-        "watch: error: --directory={folder}/a_file.pt is a file; pass the folder that holds the checkpoints",
+        "watch: error: --directory={folder}/a_file.pt is a file; pass the folder that contains the checkpoints",
     ),
     (
         ["--directory=ckpt", "--evaluator=good.py:evaluate", "--regex_filter=(.pt"],

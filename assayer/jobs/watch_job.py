@@ -30,7 +30,7 @@ def pending_key(watch_id: str) -> str:
 
 @dataclasses.dataclass
 class Survey:
-    """What one poll found and will write back, all in one transaction."""
+    """The findings of one poll, written back in one transaction."""
 
     plan: Plan | None = None
     listing_digest: str | None = None
