@@ -41,12 +41,28 @@ class RedisSettings:
                     "or unix://, e.g. redis://localhost:6379/0"
                 )
             settings = cls(redis_url)
+            settings.check_url()
         else:
             if not 0 < port < 65536:
                 raise UsageError(f"--redis_port={port} is invalid: use a TCP port between 1 and 65535")
             netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             settings = cls(f"redis://{netloc}/0")
         return settings.with_saved_password()
+
+    def check_url(self) -> None:
+        """Raise UsageError naming `--redis_url` when its port or database number is invalid."""
+        parts = urlsplit(self.url)
+        try:
+            parts.port
+        except ValueError:
+            raise UsageError(
+                f"--redis_url={self.masked} is invalid: the port must be a number, e.g. redis://localhost:6379/0"
+            ) from None
+        database = parts.path.strip("/") if parts.scheme != "unix" else ""
+        if database and not database.isdigit():
+            raise UsageError(
+                f"--redis_url={self.masked} is invalid: the database must be a number, e.g. redis://localhost:6379/0"
+            )
 
     @property
     def masked(self) -> str:
@@ -102,6 +118,13 @@ class RedisSettings:
             netloc += f":{parts.port}"
         return RedisSettings(urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)))
 
+    def without_password(self) -> RedisSettings:
+        """Return these settings with no user name or password in the URL."""
+        parts = urlsplit(self.url)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        query = f"?{parts.query}" if parts.query else ""
+        return RedisSettings(f"{parts.scheme}://{host}{parts.path}{query}")
+
     def with_saved_password(self) -> RedisSettings:
         """Add the password of a server that assayer started at this local address, if there is one."""
         if self.password is not None or not self.is_local:
@@ -141,13 +164,13 @@ class RedisSettings:
 
 
 class UnreachableError(UsageError):
-    """Nothing answers at the Redis address."""
+    """No Redis server is listening at the address."""
 
     def __init__(self, settings: RedisSettings, error: BaseException):
         reason = str(error).strip() or type(error).__name__
         super().__init__(
-            f"cannot reach Redis at {settings.masked} ({mask(reason)}); start a Redis server there, "
-            "point --redis_url at one, or leave --launch_redis on so that assayer starts one"
+            f"cannot reach Redis at {settings.masked} ({mask(reason)}); start a Redis server there or point "
+            "--redis_url at one"
         )
         self.settings = settings
 

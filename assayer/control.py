@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -11,10 +12,14 @@ from collections.abc import Callable
 import redis
 from rq import Queue
 
-from assayer import checkpoints, evaluator, server, watches, workers
+from assayer import checkpoints, evaluator, records, server, watches, workers
 from assayer.config import WatchConfig
 from assayer.connection import RedisSettings, UnreachableError, password_file
 from assayer.errors import UsageError
+from assayer.text import plural
+
+DEFAULT_URL = "redis://localhost:6379/0"
+"""The URL that the Redis flags' defaults stand for, which needs no flag in a hint."""
 
 Output = Callable[[str], None]
 
@@ -28,6 +33,8 @@ def check_config(config: WatchConfig, num_watch_workers: int, num_eval_workers: 
         raise UsageError("--directory is required: the folder where training writes its checkpoints")
     if os.path.exists(config.directory) and not os.path.isdir(config.directory):
         raise UsageError(f"--directory={config.directory} is a file; pass the folder that contains the checkpoints")
+    if not config.regex:
+        raise UsageError("--regex_filter is empty, so every file and folder would be a checkpoint; pass a pattern")
     try:
         checkpoints.compile_filter(config.regex)
     except re.error as error:
@@ -41,10 +48,10 @@ def check_config(config: WatchConfig, num_watch_workers: int, num_eval_workers: 
         "--num_eval_workers": num_eval_workers,
     }
     for flag, value in positive.items():
-        if not value > 0:
+        if not 0 < value < math.inf:
             raise UsageError(f"{flag}={value} is invalid: use a number of seconds greater than 0")
     for flag, value in not_negative.items():
-        if value < 0:
+        if not 0 <= value < math.inf:
             raise UsageError(f"{flag}={value} is invalid: use 0 or more")
     if config.ready_marker is not None and ("/" in config.ready_marker or not config.ready_marker):
         raise UsageError(f"--ready_marker={config.ready_marker} is invalid: use a file name such as commit_success.txt")
@@ -64,8 +71,10 @@ def connect(settings: RedisSettings, launch_redis: bool, out: Output) -> tuple[R
     """Return settings and a client that answers, starting a local server when allowed and needed."""
     try:
         return settings, settings.check()
-    except UnreachableError:
-        if not (launch_redis and settings.is_local):
+    except UnreachableError as error:
+        if settings.is_local and not launch_redis:
+            raise UsageError(f"{error}, or leave --launch_redis on so that assayer starts one") from None
+        if not settings.is_local:
             raise
     started = server.start_server(settings)
     out(
@@ -87,8 +96,9 @@ def start_watch(
     """Check everything, then start or resume the watch and its worker pools, and return."""
     check_config(config, num_watch_workers, num_eval_workers)
     settings, client = connect(settings, launch_redis, out)
-    _describe_directory(config, eval_existing, out)
+    previous = client.hget(records.watch_key(config.watch_id), "config")
     outcome = watches.start(client, config, eval_existing)
+    _describe_directory(config, eval_existing, outcome, out)
     # RQ lists a queue once a job was enqueued on it; register both now so `rq info` shows them at once.
     for name in (config.watch_queue, config.eval_queue):
         client.sadd(Queue.redis_queues_keys, Queue(name, connection=client).key)
@@ -97,6 +107,8 @@ def start_watch(
         f"{verb} {config.directory} with {config.evaluator}, polling every {config.polling_interval:g} s "
         f"(watch {config.watch_id})"
     )
+    if outcome == "running" and previous is not None and WatchConfig.from_json(previous) != config:
+        out("settings of the running watch updated; they apply from its next poll")
     working_dir = os.getcwd()
     for role, queue, count in (
         (workers.WATCH, config.watch_queue, num_watch_workers),
@@ -112,7 +124,22 @@ def start_watch(
             f"e.g. rq worker {config.eval_queue} --url {settings.masked}"
         )
     out(f"monitor: rq info --url {monitor_url(settings)}")
-    out("results: python -m assayer.status    stop: python -m assayer.shutdown")
+    redis_flags = redis_flags_hint(settings)
+    out(f"results: python -m assayer.status{redis_flags}    stop: python -m assayer.shutdown{redis_flags}")
+
+
+def redis_flags_hint(settings: RedisSettings) -> str:
+    """Return the flags that point another assayer command at this server, without a password, or ''.
+
+    A password that assayer saved for a local server is found again by every command, so it is left out.
+    """
+    if settings.password is None:
+        plain = settings.url
+    elif password_file(settings).exists() and password_file(settings).read_text().strip() == settings.password:
+        plain = settings.without_password().url
+    else:
+        return f" --redis_url {shlex.quote(settings.masked)} (with your password in place of ***)"
+    return "" if plain == DEFAULT_URL else f" --redis_url {shlex.quote(plain)}"
 
 
 def monitor_url(settings: RedisSettings) -> str:
@@ -127,7 +154,7 @@ def monitor_url(settings: RedisSettings) -> str:
     return shlex.quote(settings.masked) + "  (with your password in place of ***)"
 
 
-def _describe_directory(config: WatchConfig, eval_existing: bool, out: Output) -> None:
+def _describe_directory(config: WatchConfig, eval_existing: bool, outcome: str, out: Output) -> None:
     if not os.path.isdir(config.directory):
         out(
             f"{config.directory} does not exist yet; watching it anyway, and checkpoints are evaluated once "
@@ -136,11 +163,12 @@ def _describe_directory(config: WatchConfig, eval_existing: bool, out: Output) -
         return
     present = len(checkpoints.scan(config.directory, checkpoints.compile_filter(config.regex)))
     if present and eval_existing:
-        out(f"{present} checkpoints already present are evaluated too (--eval_existing)")
-    elif present:
+        found = plural(present, "checkpoint")
+        out(f"already present, and evaluated unless they have a record (--eval_existing): {found}")
+    elif present and outcome == "started":
         out(
-            f"{present} checkpoints already present are left alone on a new watch; pass --eval_existing to "
-            "evaluate them too"
+            f"already present, and left alone on a new watch: {plural(present, 'checkpoint')}; pass "
+            "--eval_existing to evaluate them too"
         )
 
 

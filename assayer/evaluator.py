@@ -35,6 +35,8 @@ def load(reference: str, search_path: str | None = None) -> Evaluator:
             or the name is not a function taking one checkpoint path.
     """
     path, separator, function_name = reference.rpartition(":")
+    if not separator and reference.endswith(".py"):
+        raise UsageError(f"--evaluator={reference} names a file but no function; use {reference}:FUNCTION")
     if separator and path.endswith(".py"):
         module = _import_file(reference, path)
     else:
@@ -46,7 +48,9 @@ def load(reference: str, search_path: str | None = None) -> Evaluator:
         module = _import_module(reference, module_name, search_path)
     function = getattr(module, function_name, None)
     if function is None:
-        raise UsageError(f"--evaluator={reference}: {module.__name__} has no attribute {function_name!r}")
+        raise UsageError(
+            f"--evaluator={reference}: {module.__name__} has no attribute {function_name!r}; check the function name"
+        )
     check_signature(reference, function)
     return function
 

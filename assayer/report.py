@@ -383,7 +383,7 @@ def plot(watches: Sequence[WatchRecords], path: str) -> list[str]:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise UsageError("--plot needs matplotlib; pip install 'assayer[plot]'") from None
+        raise UsageError("--plot needs matplotlib; pip install matplotlib") from None
     series = {watch.config.watch_id: _series(watch) for watch in watches}
     metrics = metric_names(record for watch in watches for record in watch.records if "step" in record)
     if not metrics:

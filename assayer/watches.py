@@ -184,7 +184,11 @@ def requeue_interrupted(connection: redis.Redis, config: WatchConfig) -> int:
     """Enqueue again the evaluations that are recorded as queued or started but whose job is gone."""
     queue = Queue(config.eval_queue, connection=connection)
     count = 0
-    for record in records.load_all(connection, config.watch_id):
+    interrupted = sorted(
+        records.load_all(connection, config.watch_id),
+        key=lambda record: (record.get("step") is None, record.get("step") or 0, record["name"]),
+    )
+    for record in interrupted:
         if record["state"] not in (records.QUEUED, records.STARTED):
             continue
         job = _fetch(connection, record["job_id"])

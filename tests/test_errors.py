@@ -43,7 +43,7 @@ CASES = [
     ),
     (
         ["--directory=ckpt", "--evaluator=good.py:nope"],
-        "watch: error: --evaluator={folder}/good.py:nope: good has no attribute 'nope'",
+        "watch: error: --evaluator={folder}/good.py:nope: good has no attribute 'nope'; check the function name",
     ),
     (
         ["--directory=ckpt", "--evaluator=broken_import.py:evaluate"],
@@ -73,6 +73,28 @@ CASES = [
         ["--directory=ckpt", "--evaluator=nomodule.evals.score"],
         "watch: error: --evaluator=nomodule.evals.score: module nomodule not found; run from the folder that "
         "contains it, install it, or use path/to/file.py:function",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py"],
+        "watch: error: --evaluator=good.py names a file but no function; use good.py:FUNCTION",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--regex_filter="],
+        "watch: error: --regex_filter is empty, so every file and folder would be a checkpoint; pass a pattern",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--polling_interval=inf"],
+        "watch: error: --polling_interval=inf is invalid: use a number of seconds greater than 0",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=redis://localhost:notaport/0"],
+        "watch: error: --redis_url=redis://localhost:notaport/0 is invalid: the port must be a number, e.g. "
+        "redis://localhost:6379/0",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=redis://:secret@localhost:1/abc"],
+        "watch: error: --redis_url=redis://***@localhost:1/abc is invalid: the database must be a number, e.g. "
+        "redis://localhost:6379/0",
     ),
     (
         ["--directory=ckpt", "--evaluator=score"],
@@ -152,8 +174,8 @@ def test_unreachable_redis_without_launch(folder, state_home):
     assert result.returncode == 1
     assert result.stderr.strip() == (
         f"watch: error: cannot reach Redis at redis://***@127.0.0.1:{port}/0 (Error 111 connecting to "
-        f"127.0.0.1:{port}. Connection refused.); start a Redis server there, point --redis_url at one, or leave "
-        "--launch_redis on so that assayer starts one"
+        f"127.0.0.1:{port}. Connection refused.); start a Redis server there or point --redis_url at one, or "
+        "leave --launch_redis on so that assayer starts one"
     )
     assert "secret" not in result.stdout + result.stderr
 

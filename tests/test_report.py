@@ -415,7 +415,7 @@ def test_plot_without_matplotlib(monkeypatch, tmp_path):
     with pytest.raises(UsageError) as raised:
         report.plot([], str(tmp_path / "metrics.png"))
 
-    assert str(raised.value) == "--plot needs matplotlib; pip install 'assayer[plot]'"
+    assert str(raised.value) == "--plot needs matplotlib; pip install matplotlib"
 
 
 def test_render_rejects_unknown_format():

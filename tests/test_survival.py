@@ -447,7 +447,7 @@ def test_shutdown_spares_foreign_work(watcher, connection, foreign_worker):
 
     result = watcher.shutdown(f"--directory={stopped}")
     assert result.returncode == 0, result.stderr
-    assert "1 queued evaluations removed" in result.stdout
+    assert "1 queued evaluation removed" in result.stdout
     config, fields = watch_of(connection, stopped)
     assert fields["state"] == watches.STOPPED
     assert Queue("parked", connection=connection).count == 0
@@ -535,7 +535,7 @@ def test_shutdown_lets_evaluation_finish(watcher, connection):
     result = watcher.shutdown()
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - began < 20
-    assert "1 evaluations are still running and will finish" in result.stdout
+    assert "1 evaluation still running and will finish" in result.stdout
     assert f"evaluate 'model_epoch1.pt' of watch {watcher.directory}" in result.stdout
     assert process_exists(horse)
     (watcher.evaluator_dir / "gate").touch()
@@ -549,14 +549,14 @@ def test_shutdown_lets_evaluation_finish(watcher, connection):
     horse = int((pids / "model_epoch2.pt").read_text())
     result = watcher.shutdown()
     assert result.returncode == 0, result.stderr
-    assert "1 evaluations are still running and will finish" in result.stdout
+    assert "1 evaluation still running and will finish" in result.stdout
     assert process_exists(horse)
     began = time.monotonic()
     result = watcher.shutdown("--force")
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - began < 20
     assert not process_exists(horse)
-    assert "no assayer worker is running" in result.stdout
+    assert "none is running now" in result.stdout
     stopped = record_of(connection, watcher.directory, "model_epoch2.pt")
     assert stopped["state"] == records.QUEUED
     assert stopped["error"] == "stopped by a forced shutdown; evaluated again when the watch resumes"

@@ -117,7 +117,7 @@ def test_check_available():
 
 def test_missing_tensorboardx(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)
-    message = "--tensorboard_dir needs tensorboardX; pip install 'assayer[tensorboard]'"
+    message = "--tensorboard_dir needs tensorboardX; pip install tensorboardX"
 
     with pytest.raises(UsageError) as from_check:
         tensorboard.check_available()

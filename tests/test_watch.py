@@ -41,7 +41,7 @@ def finished(connection, count: int):
 def test_new_checkpoints_evaluated_once(watcher, connection):
     write(watcher.directory / "model_epoch0.pt")
     result = watcher.watch()
-    assert "1 checkpoints already present are left alone" in result.stdout
+    assert "already present, and left alone on a new watch: 1 checkpoint;" in result.stdout
     wait_for(lambda: poll_count(connection, watcher) >= 2, 20, message="the first polls")
     write(watcher.directory / "model_epoch1.pt")
     write(watcher.directory / "run" / "deep" / "model_epoch2.ckpt")
@@ -60,7 +60,7 @@ def test_eval_existing_evaluates_present(watcher, connection):
     write(watcher.directory / "model_epoch1.pt")
     write(watcher.directory / "sub" / "model_epoch2.pt")
     result = watcher.watch("--eval_existing")
-    assert "2 checkpoints already present are evaluated too (--eval_existing)" in result.stdout
+    assert "already present, and evaluated unless they have a record (--eval_existing): 2 checkpoints" in result.stdout
     wait_for(finished(connection, 2), 30, message="both existing checkpoints evaluated")
     assert watcher.evaluated_paths() == ["model_epoch1.pt", "sub/model_epoch2.pt"]
 
@@ -108,7 +108,7 @@ def test_shutdown_leaves_nothing_running(watcher, connection):
     assert len(worker_pids) == 3
     result = watcher.shutdown()
     assert result.returncode == 0, result.stderr
-    assert "no assayer worker is running" in result.stdout
+    assert "none is running now" in result.stdout
     for pid in pool_pids + worker_pids:
         assert not process_exists(pid), f"process {pid} still runs"
     assert Worker.all(connection=connection) == []
@@ -129,3 +129,15 @@ def process_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_rerun_updates_settings(watcher, connection, settings):
+    first = watcher.watch()
+    assert f"results: python -m assayer.status --redis_url {settings.url}" in first.stdout
+    second = watcher.watch("--polling_interval=2", "--num_eval_workers=0", "--num_watch_workers=0")
+    assert "already watching" in second.stdout
+    assert "settings of the running watch updated; they apply from its next poll" in second.stdout
+    ((config, _),) = records.load_watches(connection)
+    assert config.polling_interval == 2
+    third = watcher.watch("--polling_interval=2", "--num_eval_workers=0", "--num_watch_workers=0")
+    assert "settings of the running watch updated" not in third.stdout
