@@ -189,7 +189,12 @@ def forget_worker(connection: redis.Redis, name: str, pool_name: str) -> None:
 def run_worker(name, queue_names, connection_class, pool_class, pool_kwargs, worker_class, logging_level) -> None:
     """Run one worker of a pool in this forked process, without a scheduler of its own."""
     connection = connection_class(connection_pool=redis.ConnectionPool(connection_class=pool_class, **pool_kwargs))
-    worker = worker_class(queue_names, name=name, connection=connection)
+    try:
+        worker = worker_class(queue_names, name=name, connection=connection)
+    except redis.ConnectionError as error:
+        # Redis went away between the pool's last check and this start; the pool tries again once it is back.
+        logging.warning("worker %s: not started, Redis is unreachable (%s)", name, error)
+        raise SystemExit(1) from None
     worker.work(logging_level=logging_level, with_scheduler=False)
 
 
