@@ -45,10 +45,6 @@ def compile_filter(regex: str) -> re.Pattern[str]:
     return re.compile(regex, re.DOTALL)
 
 
-def is_temporary(name: str) -> bool:
-    return name.startswith(TEMPORARY_PREFIXES) or name.endswith(TEMPORARY_SUFFIXES) or TEMPORARY_INFIX in name
-
-
 def scan(directory: str, pattern: re.Pattern[str]) -> dict[str, Checkpoint]:
     """List the checkpoints under `directory`, keyed by their `/`-separated path relative to it.
 
@@ -60,6 +56,7 @@ def scan(directory: str, pattern: re.Pattern[str]) -> dict[str, Checkpoint]:
         FileNotFoundError: `directory` does not exist.
     """
     found: dict[str, Checkpoint] = {}
+    match = pattern.match
     folders = [("", directory)]
     while folders:
         prefix, folder = folders.pop()
@@ -71,17 +68,25 @@ def scan(directory: str, pattern: re.Pattern[str]) -> dict[str, Checkpoint]:
             logging.debug("scan %s: skipping unreadable folder %s: %s", directory, folder, error)
             continue
         with entries:
+            # This loop runs once per entry of the tree, so it calls as few functions as it can.
             for entry in entries:
                 name = entry.name
-                if is_temporary(name):
-                    continue
                 relative = prefix + name
-                if pattern.match(relative):
-                    checkpoint = _describe(entry)
-                    if checkpoint is not None:
-                        found[relative] = checkpoint
-                elif _is_real_dir(entry):
+                matched = match(relative)
+                if not matched:
+                    try:
+                        if not entry.is_dir(follow_symlinks=False):
+                            continue  # Most entries end here: files that are not checkpoints.
+                    except OSError:
+                        continue
+                if name.startswith(TEMPORARY_PREFIXES) or name.endswith(TEMPORARY_SUFFIXES) or TEMPORARY_INFIX in name:
+                    continue
+                if not matched:
                     folders.append((relative + "/", entry.path))
+                    continue
+                checkpoint = _describe(entry)
+                if checkpoint is not None:
+                    found[relative] = checkpoint
     return found
 
 
@@ -127,13 +132,6 @@ def step_of(relative: str, pattern: re.Pattern[str]) -> int | None:
             return int(captured)
     numbers = re.findall(r"\d+", EXTENSIONS.sub("", relative))
     return int(numbers[-1]) if numbers else None
-
-
-def _is_real_dir(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir(follow_symlinks=False)
-    except OSError:
-        return False
 
 
 def describe(path: str) -> Checkpoint | None:

@@ -199,14 +199,17 @@ def requeue_interrupted(connection: redis.Redis, config: WatchConfig) -> int:
         relative = record["name"]
         version = records.version_of(relative, record["fingerprint"])
         records.update(connection, config.watch_id, version, state=records.QUEUED, enqueued_at=time.time())
-        queue.enqueue_job(queue.create_job(**evaluation_job_arguments(config, relative, version, record.get("step"))))
+        arguments = evaluation_job_arguments(config, relative, version, record.get("step"), record["fingerprint"])
+        queue.enqueue_job(queue.create_job(**arguments))
         count += 1
     if count:
         logging.info("watch %s: %d interrupted evaluations queued again", config.watch_id, count)
     return count
 
 
-def evaluation_job_arguments(config: WatchConfig, relative: str, version: str, step: int | None) -> dict:
+def evaluation_job_arguments(
+    config: WatchConfig, relative: str, version: str, step: int | None, fingerprint: str | None = None
+) -> dict:
     """Return the arguments of `Queue.create_job` for one evaluation, shared by every way of enqueueing it."""
     retry = None
     if config.max_retries > 0:
@@ -214,7 +217,7 @@ def evaluation_job_arguments(config: WatchConfig, relative: str, version: str, s
         retry = Retry(max=config.max_retries, interval=pauses)
     return {
         "func": EVALUATE_FUNCTION,
-        "args": (config.to_json(), relative, version, step),
+        "args": (config.to_json(), relative, version, step, fingerprint),
         "job_id": records.eval_job_id(config.watch_id, version),
         "description": f"evaluate {relative!r} of watch {config.directory} with {config.evaluator}",
         "timeout": config.eval_timeout or -1,

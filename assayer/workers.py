@@ -24,6 +24,7 @@ from rq.worker import BaseWorker
 
 from assayer import records, state
 from assayer.connection import RedisSettings
+from assayer.jobs import eval_job  # Imported here so that every forked work horse has it already.
 
 WORKER_PREFIX = "assayer-"
 POOLS_KEY = records.PREFIX + "pools"
@@ -126,14 +127,12 @@ class EvaluationWorker(AssayerWorker, Worker):
 
     def handle_work_horse_killed(self, job, retpid, ret_val, rusage):
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
-        from assayer.jobs.eval_job import record_failure
-
         if os.WIFSIGNALED(ret_val):
             reason = f"the evaluation process was killed by {signal.Signals(os.WTERMSIG(ret_val)).name}"
         else:
             reason = f"the evaluation process exited with status {os.waitstatus_to_exitcode(ret_val)}"
         try:
-            record_failure(job, self.connection, EvaluationKilled, EvaluationKilled(reason), None)
+            eval_job.record_failure(job, self.connection, EvaluationKilled, EvaluationKilled(reason), None)
         except Exception:
             logging.exception("worker %s: recording the failure of job %s failed", self.name, job.id)
 
@@ -152,14 +151,12 @@ class EvaluationWorker(AssayerWorker, Worker):
             raise
 
     def _stop_interrupted(self, execution) -> None:
-        from assayer.jobs.eval_job import record_stopped
-
         try:
             job = self.job_class.fetch(execution.job_id, connection=self.connection, serializer=self.serializer)
             queue = self.queue_class(job.origin, connection=self.connection, serializer=self.serializer)
             self._stopped_job_id = job.id
             self.handle_job_failure(job, queue, exc_string="stopped by a forced shutdown", execution=execution)
-            record_stopped(job, self.connection)
+            eval_job.record_stopped(job, self.connection)
         except Exception:
             logging.exception("worker %s: recording the stop of job %s failed", self.name, execution.job_id)
 

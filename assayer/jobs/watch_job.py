@@ -194,7 +194,8 @@ def _enqueue_evaluations(connection, pipeline, config: WatchConfig, new_versions
         records.add(
             pipeline, config.watch_id, version, records.new_record(config, relative, checkpoint.fingerprint, step, now)
         )
-        job = queue.create_job(**watches.evaluation_job_arguments(config, relative, version, step))
+        arguments = watches.evaluation_job_arguments(config, relative, version, step, checkpoint.fingerprint)
+        job = queue.create_job(**arguments)
         queue.enqueue_job(job, pipeline=pipeline)
 
 
