@@ -1,4 +1,4 @@
-"""Listing a checkpoint tree, fingerprinting checkpoints, and the rules that say when one is complete."""
+"""Listing a checkpoint tree, fingerprinting checkpoints, and the rules that decide when one is complete."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def evaluate(config_json: str, relative: str, version: str, step: int | None, fi
     result = function(path)
     duration = time.monotonic() - began
     if config.tensorboard_dir:
-        # Before the record says finished, so that a finished record means its scalars are written too.
+        # Written before the record is marked finished, so a finished record means its scalars exist too.
         _write_tensorboard(config, step, result, path)
     records.update(
         connection,
@@ -71,8 +71,8 @@ def _reason_to_skip(path: str, fingerprint: str) -> str | None:
     current = checkpoints.describe(path)
     if current is None:
         return "deleted before its evaluation started"
-    # Only a newer modification time counts: on a network filesystem this machine's view of the file can
-    # lag behind the watch's, and an older one would skip a version that nobody queues again.
+    # Only a newer modification time counts. On a network filesystem this machine's view of the file can
+    # lag behind the watch's, and skipping on an older time would drop a version that is never queued again.
     if fingerprint and checkpoints.modified_ns(current.fingerprint) > checkpoints.modified_ns(fingerprint):
         return "replaced by a newer version before its evaluation started; the newer version is evaluated instead"
     return None
