@@ -61,32 +61,33 @@ def scan(directory: str, pattern: re.Pattern[str]) -> dict[str, Checkpoint]:
     while folders:
         prefix, folder = folders.pop()
         try:
-            entries = os.scandir(folder)
+            # Reading a folder whole, then looping, measured faster than looping over the open iterator.
+            with os.scandir(folder) as iterator:
+                entries = list(iterator)
         except OSError as error:
             if folder == directory:
                 raise
             logging.debug("scan %s: skipping unreadable folder %s: %s", directory, folder, error)
             continue
-        with entries:
-            # This loop runs once per entry of the tree, so it calls as few functions as it can.
-            for entry in entries:
-                name = entry.name
-                relative = prefix + name
-                matched = match(relative)
-                if not matched:
-                    try:
-                        if not entry.is_dir(follow_symlinks=False):
-                            continue  # Most entries end here: files that are not checkpoints.
-                    except OSError:
-                        continue
-                if name.startswith(TEMPORARY_PREFIXES) or name.endswith(TEMPORARY_SUFFIXES) or TEMPORARY_INFIX in name:
+        # This loop runs once per entry of the tree, so it calls as few functions as it can.
+        for entry in entries:
+            name = entry.name
+            relative = prefix + name
+            matched = match(relative)
+            if not matched:
+                try:
+                    if not entry.is_dir(follow_symlinks=False):
+                        continue  # Most entries end here: files that are not checkpoints.
+                except OSError:
                     continue
-                if not matched:
-                    folders.append((relative + "/", entry.path))
-                    continue
-                checkpoint = _describe(entry)
-                if checkpoint is not None:
-                    found[relative] = checkpoint
+            if name.startswith(TEMPORARY_PREFIXES) or name.endswith(TEMPORARY_SUFFIXES) or TEMPORARY_INFIX in name:
+                continue
+            if not matched:
+                folders.append((relative + "/", entry.path))
+                continue
+            checkpoint = _describe(entry)
+            if checkpoint is not None:
+                found[relative] = checkpoint
     return found
 
 

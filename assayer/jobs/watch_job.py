@@ -41,8 +41,13 @@ class Survey:
 
 def poll(watch_id: str, token: str) -> None:
     """Run one poll of the watch, if `token` is still the job allowed to carry its chain on."""
-    connection = get_current_job().connection
+    job = get_current_job()
+    connection = job.connection
     started = time.time()
+    # RQ's scheduler releases due jobs about once a second and stores due times in whole seconds. Counting
+    # the interval from when this job was queued, not from when it started behind the polls queued with
+    # it, keeps a poll that starts late in a second from slipping one more second.
+    queued_at = job.enqueued_at.timestamp() if job.enqueued_at else started
     with connection.pipeline(transaction=False) as pipeline:
         pipeline.hmget(records.watch_key(watch_id), "config", "state", "token", "digest", "backfill", "missing")
         pipeline.hgetall(pending_key(watch_id))
@@ -58,7 +63,7 @@ def poll(watch_id: str, token: str) -> None:
         # Whatever went wrong in this poll, the chain must go on: the next poll starts from the same state.
         logging.exception("watch %s: poll of %s failed; polling again", watch_id, config.directory)
         survey = Survey()
-    _commit(connection, config, token, survey, started)
+    _commit(connection, config, token, survey, queued_at)
 
 
 def _survey(
@@ -135,7 +140,7 @@ def _unrecorded(connection, config: WatchConfig, result: Plan, pattern):
     return new
 
 
-def _commit(connection: redis.Redis, config: WatchConfig, token: str, survey: Survey, started: float) -> None:
+def _commit(connection: redis.Redis, config: WatchConfig, token: str, survey: Survey, queued_at: float) -> None:
     """Write the poll's outcome, queue its evaluations and schedule the next poll, if still the token holder."""
     key = records.watch_key(config.watch_id)
     with connection.pipeline() as pipeline:
@@ -150,7 +155,7 @@ def _commit(connection: redis.Redis, config: WatchConfig, token: str, survey: Su
             _write_survey(connection, pipeline, config, survey)
             next_token = watches.link_id(config.watch_id, int(sequence) + 1)
             pipeline.hset(key, mapping={"token": next_token, "seq": int(sequence) + 1, "polled_at": repr(time.time())})
-            delay = started + config.polling_interval - time.time()
+            delay = queued_at + config.polling_interval - time.time()
             watches.schedule_link(connection, pipeline, config, next_token, delay)
             pipeline.execute()
         except redis.WatchError:

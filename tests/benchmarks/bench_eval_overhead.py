@@ -5,11 +5,11 @@
 Both sides run the same trivial function, whose first line notes `time.time()`, on a forking worker.
 The reference is plain `rq.Worker` running a job that calls the function by its module path. The
 measured side is assayer's `EvaluationWorker` running `assayer.jobs.eval_job.evaluate`, which records
-the start, loads the evaluator from its file and calls it. Each worker runs in its own process, which imports what an
-assayer pool process imports and sets up absl logging as the pool does, and notes when
-`dequeue_job_and_maintain_ttl` returns each job. The jobs are queued before the worker starts, so it runs
-them back to back in burst mode. Rounds alternate plain and assayer workers, so a load that comes and
-goes on the machine hits both.
+the start, loads the evaluator from its file and calls it. Its jobs and records are queued by the
+poll's own code. Each worker runs in its own process, which imports what an assayer pool process
+imports, sets up absl logging as the pool does, and notes when `dequeue_job_and_maintain_ttl` returns
+each job. The jobs are queued before the worker starts, so it runs them back to back in burst mode.
+Rounds alternate plain and assayer workers, so a load that comes and goes on the machine hits both.
 """
 
 from __future__ import annotations
