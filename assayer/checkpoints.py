@@ -49,7 +49,7 @@ def scan(directory: str, pattern: re.Pattern[str]) -> dict[str, Checkpoint]:
     """List the checkpoints under `directory`, keyed by their `/`-separated path relative to it.
 
     The tree is walked once with `os.scandir`. A folder whose relative path matches is one checkpoint and
-    is not searched for more; symbolic links to folders are not followed, so a link loop cannot trap the
+    is not searched for more. Symbolic links to folders are not followed, so a link loop cannot trap the
     walk. Entries that vanish or cannot be read while the walk runs are left out of this listing.
 
     Raises:

@@ -8,7 +8,7 @@ import json
 import re
 
 DEFAULT_REGEX = r"^.*\.(pt|pth|ckpt|model|state)$"
-"""Which relative paths are checkpoints when `--regex_filter` is not given."""
+"""The pattern of checkpoint paths when `--regex_filter` is not given."""
 
 
 @dataclasses.dataclass(frozen=True)

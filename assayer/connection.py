@@ -139,7 +139,7 @@ class RedisSettings:
         return redis.Redis.from_url(self.url, socket_connect_timeout=CONNECT_TIMEOUT, health_check_interval=30)
 
     def check(self) -> redis.Redis:
-        """Return a client after checking that the server answers, or raise UsageError saying why not."""
+        """Return a client after checking that the server responds to PING, or raise UsageError saying why not."""
         client = self.connect()
         try:
             client.ping()

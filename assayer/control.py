@@ -68,7 +68,7 @@ def check_config(config: WatchConfig, num_watch_workers: int, num_eval_workers: 
 
 
 def connect(settings: RedisSettings, launch_redis: bool, out: Output) -> tuple[RedisSettings, redis.Redis]:
-    """Return settings and a client that answers, starting a local server when allowed and needed."""
+    """Return settings and a client of a server that responds, starting a local server when allowed and needed."""
     try:
         return settings, settings.check()
     except UnreachableError as error:
@@ -99,6 +99,7 @@ def start_watch(
     previous = client.hget(records.watch_key(config.watch_id), "config")
     outcome = watches.start(client, config, eval_existing)
     _describe_directory(config, eval_existing, outcome, out)
+
     # RQ lists a queue once a job was enqueued on it; register both now so `rq info` shows them at once.
     for name in (config.watch_queue, config.eval_queue):
         client.sadd(Queue.redis_queues_keys, Queue(name, connection=client).key)
@@ -109,6 +110,7 @@ def start_watch(
     )
     if outcome == "running" and previous is not None and WatchConfig.from_json(previous) != config:
         out("settings of the running watch updated; they apply from its next poll")
+
     working_dir = os.getcwd()
     for role, queue, count in (
         (workers.WATCH, config.watch_queue, num_watch_workers),
@@ -116,6 +118,7 @@ def start_watch(
     ):
         if count:
             _start_pool(client, settings, role, queue, count, working_dir, out)
+
     if not num_watch_workers and not _serving(client, config.watch_queue):
         out(f"warning: no worker serves queue {config.watch_queue!r} yet; polls wait until one starts")
     if not num_eval_workers and not _serving(client, config.eval_queue):
@@ -123,6 +126,7 @@ def start_watch(
             f"warning: no worker serves queue {config.eval_queue!r} yet; evaluations wait until one starts, "
             f"e.g. rq worker {config.eval_queue} --url {settings.masked}"
         )
+
     out(f"monitor: rq info --url {monitor_url(settings)}")
     redis_flags = redis_flags_hint(settings)
     out(f"results: python -m assayer.status{redis_flags}    stop: python -m assayer.shutdown{redis_flags}")
@@ -135,7 +139,7 @@ def redis_flags_hint(settings: RedisSettings) -> str:
     """
     if settings.password is None:
         plain = settings.url
-    elif password_file(settings).exists() and password_file(settings).read_text().strip() == settings.password:
+    elif _password_is_saved(settings):
         plain = settings.without_password().url
     else:
         return f" --redis_url {shlex.quote(settings.masked)} (with your password in place of ***)"
@@ -144,14 +148,20 @@ def redis_flags_hint(settings: RedisSettings) -> str:
 
 def monitor_url(settings: RedisSettings) -> str:
     """Return a shell word for the URL that reads a saved password from its file instead of printing it."""
-    saved = password_file(settings)
     if settings.password is None:
         return shlex.quote(settings.url)
-    if saved.exists() and saved.read_text().strip() == settings.password:
+    if _password_is_saved(settings):
+        saved = password_file(settings)
         plain = RedisSettings(settings.url).with_password("PASSWORD").url
         head, tail = plain.split("PASSWORD", 1)
         return f'"{head}$(cat {shlex.quote(str(saved))}){tail}"'
     return shlex.quote(settings.masked) + "  (with your password in place of ***)"
+
+
+def _password_is_saved(settings: RedisSettings) -> bool:
+    """Return whether the password in `settings` is the one assayer saved for a server it started there."""
+    saved = password_file(settings)
+    return saved.exists() and saved.read_text().strip() == settings.password
 
 
 def _describe_directory(config: WatchConfig, eval_existing: bool, outcome: str, out: Output) -> None:

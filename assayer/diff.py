@@ -16,7 +16,7 @@ from assayer.checkpoints import Checkpoint
 
 @dataclasses.dataclass(frozen=True)
 class Pending:
-    """A checkpoint version that has not settled yet, or whose format says it is incomplete."""
+    """A checkpoint version that has not settled yet, or whose format marks it as incomplete."""
 
     fingerprint: str
     first_seen: float

@@ -18,7 +18,7 @@ from assayer.connection import RedisSettings, password_file
 from assayer.errors import UsageError
 
 START_TIMEOUT = 15.0
-"""Seconds a started redis-server gets to answer PING before the start counts as failed."""
+"""Seconds a started redis-server gets to respond to PING before the start counts as failed."""
 
 STOP_TIMEOUT = 15.0
 """Seconds a stopping redis-server gets to write its append-only file and exit."""

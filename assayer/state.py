@@ -1,4 +1,4 @@
-"""Where assayer keeps its own files: launched Redis servers, passwords, worker logs."""
+"""The folders of assayer's own files: launched Redis servers, passwords, worker logs."""
 
 import os
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""What `python -m assayer.shutdown` does: stop watches, then assayer's workers, then maybe Redis."""
+"""The work of `python -m assayer.shutdown`: stopping watches, then assayer's workers, then maybe Redis."""
 
 from __future__ import annotations
 

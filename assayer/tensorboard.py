@@ -58,7 +58,7 @@ def write_scalars(log_dir: str, config: WatchConfig, step: int | None, result: A
     suffix = f".{time.time_ns()}.{os.getpid()}"
     run = run_dir(log_dir, config)
     # tensorboardX checks for the folder and then creates it, which fails when another worker creates it
-    # in between; creating it here first, with exist_ok, closes that race.
+    # in between. Creating it here first, with exist_ok, closes that race.
     os.makedirs(run, exist_ok=True)
     writer = summary_writer_class(logdir=run, filename_suffix=suffix)
     try:

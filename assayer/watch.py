@@ -1,6 +1,6 @@
 """`python -m assayer.watch`: evaluate every new checkpoint in a directory on RQ workers.
 
-Checks the flags and the evaluator, connects to Redis (starting a local server if none answers),
+Checks the flags and the evaluator, connects to Redis (starting a local server if none is listening),
 starts or resumes the watch, starts the requested worker pools, and returns. The workers keep running.
 """
 

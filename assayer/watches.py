@@ -1,6 +1,6 @@
 """The chain of poll jobs behind each watch: starting, resuming, stopping, and reviving it.
 
-A watch's hash holds a `token`, the id of the one poll job allowed to carry its chain on. Every change
+A watch's hash contains a `token`, the id of the one poll job allowed to carry its chain on. Every change
 to the chain happens in a Redis transaction that watches that hash, so of two jobs racing to schedule a
 successor (a revived chain and a late link of the old one, say) only the token holder can; the other
 finds itself stale and ends. That is what keeps a watch from ever running as two chains.

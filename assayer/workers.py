@@ -50,7 +50,7 @@ def pool_key(name: str) -> str:
 
 
 def stop_key(name: str) -> str:
-    """String key that asks a pool to stop: `warm` lets running evaluations finish, `force` does not."""
+    """String key that requests a pool to stop: `warm` lets running evaluations finish, `force` does not."""
     return f"{records.PREFIX}pool:{name}:stop"
 
 
@@ -120,7 +120,7 @@ class WatchWorker(AssayerWorker, SimpleWorker):
 
 
 class EvaluationWorker(AssayerWorker, Worker):
-    """Runs each evaluation in a forked work horse, so memory an evaluator holds is freed after it."""
+    """Runs each evaluation in a forked work horse, so the memory an evaluator used is freed after it."""
 
     def __init__(self, queues, name: str | None = None, **kwargs):
         super().__init__(queues, name=worker_name(EVALUATION, name), **kwargs)

@@ -247,7 +247,7 @@ def evaluate(checkpoint_path):
 def long_evaluation(redis_server, tmp_path_factory):
     """A watch, started once per session in its own Redis database, whose evaluation outlasts RQ's default timeout.
 
-    It runs beside the rest of the suite; the test that checks it runs last, so the suite waits for it only
+    It runs beside the rest of the suite. The test that checks it runs last, so the suite waits for it only
     as long as the other tests did not already take.
     """
     root = tmp_path_factory.mktemp("long")

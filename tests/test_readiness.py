@@ -140,7 +140,7 @@ def test_slow_files_evaluated_once(watcher, connection):
 
 
 def held_incomplete(connection, directory: Path, relative: str) -> bool:
-    """Return whether the watch keeps `relative` pending because it settled but its format says it is incomplete."""
+    """Return whether the watch keeps `relative` pending because it settled but its format marks it as incomplete."""
     config, _ = watch_of(connection, directory)
     raw = connection.hget(watch_job.pending_key(config.watch_id), relative)
     return raw is not None and Pending.loads(raw).reported

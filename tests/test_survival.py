@@ -168,7 +168,7 @@ def live_links(connection, config) -> list[str]:
     """Return the ids of the watch's poll jobs that can still carry its chain on, read in one transaction.
 
     That is every link in the watch queue or its scheduled job registry, and a running link that still
-    holds the watch's token. A running link that has already committed its successor no longer holds the
+    has the watch's token. A running link that has already committed its successor no longer has the
     token and ends without scheduling anything, though it stays in the started job registry until its worker
     finishes the job.
     """
@@ -276,7 +276,7 @@ def _catch_running_link(connection, config, settings: RedisSettings) -> tuple[st
 
 
 def _running_link(connection, config) -> tuple[str, int] | None:
-    """Return the link that holds the watch's token and the pid of its worker, if that link is running now."""
+    """Return the link that has the watch's token and the pid of its worker, if that link is running now."""
     token = connection.hget(records.watch_key(config.watch_id), "token")
     registry = Queue(config.watch_queue, connection=connection).started_job_registry
     if token is None or token.decode() not in registry.get_job_ids(cleanup=False):

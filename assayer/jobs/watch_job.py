@@ -107,7 +107,7 @@ def _survey(
 
 
 def _hold_incomplete(config: WatchConfig, result: Plan, pending: dict[str, Pending]) -> None:
-    """Move settled folder checkpoints that their format says are incomplete back to pending."""
+    """Move settled folder checkpoints that their format marks as incomplete back to pending."""
     for relative, checkpoint in list(result.ready.items()):
         if not checkpoint.is_dir:
             continue
