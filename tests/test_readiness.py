@@ -257,13 +257,16 @@ def test_deletions_do_not_end_watch(watcher, connection):
         "state": records.SKIPPED,
         "reason": "deleted before its evaluation started",
         "step": 1,
-        "attempts": 0,
+        "attempts": 1,
         "job_id": records.eval_job_id(config.watch_id, records.version_of("model_epoch1.pt", fingerprint)),
+        "worker": rows[0]["worker"],
         "enqueued_at": rows[0]["enqueued_at"],
+        "started_at": rows[0]["started_at"],
         "ended_at": rows[0]["ended_at"],
     }
     assert rows == [expected]
-    assert rows[0]["ended_at"] >= rows[0]["enqueued_at"]
+    assert rows[0]["worker"].startswith("assayer-eval-")
+    assert rows[0]["enqueued_at"] <= rows[0]["started_at"] <= rows[0]["ended_at"]
     assert watcher.evaluations() == []
 
     write(watcher.directory / "model_epoch2.pt")

@@ -355,7 +355,7 @@ def test_redis_restart_resumes_watch(own_redis, tmp_path, state_home):
     assert len(outage_log.splitlines()) < 40, outage_log
 
 
-def test_failing_evaluators_isolated(watcher, connection):
+def test_failing_evaluators_isolated(watcher, connection, state_home):
     add_evaluators(watcher)
     flaky, broken, healthy = (watcher.root / name for name in ("flaky", "broken", "healthy"))
     watcher.watch("--max_retries=2", directory=flaky, evaluator=evaluator(watcher, "fails_once"))
@@ -374,6 +374,9 @@ def test_failing_evaluators_isolated(watcher, connection):
     assert done["attempts"] == 2
     assert "error" not in done
     assert done["result"]["size"] == len(b"weights")
+    logs = pool_logs(state_home)
+    assert f"checkpoint {flaky / 'model_epoch1.pt'}: evaluation started (watch " in logs
+    assert f"checkpoint {flaky / 'model_epoch1.pt'}: evaluation started, retry 1 of 2 (watch " in logs
 
     write(healthy / "model_epoch2.pt")
     wait_for(record_in(connection, healthy, "model_epoch2.pt", records.FINISHED), 30, message="a later evaluation")
@@ -471,6 +474,44 @@ def test_shutdown_spares_foreign_work(watcher, connection, foreign_worker):
     assert Queue("foreign", connection=connection).get_job_ids() == [foreign_job.id]
     assert foreign_job.get_status(refresh=True) == "queued"
     assert [worker.name for worker in Worker.all(connection=connection) if worker.name.startswith("assayer-")] == []
+
+
+@pytest.mark.parametrize("worker_class", [None, "assayer.workers.EvaluationWorker"], ids=["rq", "assayer-class"])
+def test_hand_started_worker_records_start(watcher, connection, settings, worker_class):
+    """`rq worker evaluation`, as the README runs it on other machines, records each step of an evaluation."""
+    add_evaluators(watcher)
+    watcher.watch("--num_eval_workers=0", evaluator=evaluator(watcher, "waits_for_gate"))
+    command = [sys.executable, "-m", "rq.cli", "worker", "evaluation", "--url", settings.url]
+    if worker_class:
+        command += ["--worker-class", worker_class]
+    environment = dict(os.environ, PYTHONPATH=str(REPO))
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=watcher.elsewhere, env=environment
+    )
+    try:
+        wait_for(lambda: _registered(connection, process.pid), 20, message="the worker to register")
+        name = next(worker.name for worker in Worker.all(connection=connection) if worker.pid == process.pid)
+        assert name.startswith("assayer-eval-") == bool(worker_class)
+        write(watcher.directory / "model_epoch1.pt")
+        started = wait_for(
+            record_in(connection, watcher.directory, "model_epoch1.pt", records.STARTED),
+            30,
+            message="the evaluation to start",
+        )
+        assert (started["worker"], started["attempts"]) == (name, 1)
+        assert evaluated(watcher) == []
+        (watcher.evaluator_dir / "gate").touch()
+        done = wait_for(
+            record_in(connection, watcher.directory, "model_epoch1.pt", records.FINISHED),
+            30,
+            message="the evaluation to finish",
+        )
+        assert (done["worker"], done["attempts"]) == (name, 1)
+        assert started["started_at"] == done["started_at"] < done["ended_at"]
+        assert evaluated(watcher) == [str(watcher.directory / "model_epoch1.pt")]
+    finally:
+        process.kill()
+        process.wait(10)
 
 
 def test_odd_tree_watched_on(watcher, connection):

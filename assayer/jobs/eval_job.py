@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import traceback
@@ -14,9 +15,30 @@ from rq.job import Job
 
 from assayer import checkpoints, evaluator, records
 from assayer.config import WatchConfig
+from assayer.watches import EVALUATE_FUNCTION
 
 STOPPED_ERROR = "stopped by a forced shutdown; evaluated again when the watch resumes"
 """The error of a record whose evaluation a forced shutdown stopped."""
+
+
+class EvaluationJob(Job):
+    """RQ's job, which also records an evaluation's start in the transaction in which RQ marks the job started.
+
+    assayer's evaluation workers fetch their jobs as this class, so the record and RQ's registries turn to
+    `started` together, at no round trip of their own.
+    """
+
+    @functools.cached_property
+    def watch_config(self) -> WatchConfig | None:
+        """The config of the watch this job evaluates for, or None for a job that is not an evaluation."""
+        if self.func_name != EVALUATE_FUNCTION:
+            return None
+        return WatchConfig.from_json(self.args[0])
+
+    def prepare_for_execution(self, worker_name: str, pipeline) -> None:
+        super().prepare_for_execution(worker_name, pipeline)
+        if self.watch_config is not None:
+            _record_start(pipeline, self.watch_config.watch_id, self.args[2], worker_name)
 
 
 def evaluate(config_json: str, relative: str, version: str, step: int | None, fingerprint: str | None = None) -> Any:
@@ -27,25 +49,23 @@ def evaluate(config_json: str, relative: str, version: str, step: int | None, fi
     """
     job = get_current_job()
     connection = job.connection
-    config = WatchConfig.from_json(config_json)
+    if isinstance(job, EvaluationJob):
+        # assayer's worker parsed the config and logged the start before it forked this work horse, and
+        # recorded the start in RQ's own transaction.
+        config = job.watch_config
+    else:
+        # Another RQ worker, such as a plain `rq worker`, fetched the job as RQ's own class.
+        config = WatchConfig.from_json(config_json)
+        _start_here(connection, config, relative, version, job.worker_name or "")
     path = os.path.join(config.directory, relative)
     watch_id = config.watch_id
-    key = records.record_key(watch_id, version)
     if fingerprint is None:
-        fingerprint = (connection.hget(key, "fingerprint") or b"").decode()
+        fingerprint = (connection.hget(records.record_key(watch_id, version), "fingerprint") or b"").decode()
     reason = _reason_to_skip(path, fingerprint)
     if reason is not None:
         records.update(connection, watch_id, version, state=records.SKIPPED, reason=reason, ended_at=time.time())
         logging.warning("checkpoint %s: skipped, %s (watch %s)", path, reason, watch_id)
         return None
-    # One round trip: this is the part of every evaluation's overhead that assayer adds to RQ's.
-    with connection.pipeline(transaction=False) as pipeline:
-        pipeline.hincrby(key, "attempts", 1)
-        started = {"state": records.STARTED, "started_at": repr(time.time()), "worker": job.worker_name or ""}
-        pipeline.hset(key, mapping=started)
-        pipeline.hdel(key, "error", "ended_at", "duration")
-        attempt = int(pipeline.execute()[0])
-    logging.info("checkpoint %s: evaluation started, attempt %d (watch %s)", path, attempt, watch_id)
     function = evaluator.load(config.evaluator, config.search_path)
     began = time.monotonic()
     result = function(path)
@@ -64,6 +84,42 @@ def evaluate(config_json: str, relative: str, version: str, step: int | None, fi
     )
     logging.info("checkpoint %s: evaluated in %.1f s (watch %s)", path, duration, watch_id)
     return result
+
+
+def log_start(job: EvaluationJob) -> None:
+    """Log that an evaluation job starts; assayer's evaluation worker calls this before it forks the work horse."""
+    config = job.watch_config
+    if config is None:
+        return
+    path = os.path.join(config.directory, job.args[1])
+    if config.max_retries and job.retries_left is not None and job.retries_left < config.max_retries:
+        retry = config.max_retries - job.retries_left
+        logging.info(
+            "checkpoint %s: evaluation started, retry %d of %d (watch %s)",
+            path,
+            retry,
+            config.max_retries,
+            config.watch_id,
+        )
+    else:
+        logging.info("checkpoint %s: evaluation started (watch %s)", path, config.watch_id)
+
+
+def _start_here(connection, config: WatchConfig, relative: str, version: str, worker_name: str) -> None:
+    """Record and log the start of an evaluation in the work horse, in one round trip of its own."""
+    with connection.pipeline(transaction=False) as pipeline:
+        _record_start(pipeline, config.watch_id, version, worker_name)
+        attempt = int(pipeline.execute()[0])
+    path = os.path.join(config.directory, relative)
+    logging.info("checkpoint %s: evaluation started, attempt %d (watch %s)", path, attempt, config.watch_id)
+
+
+def _record_start(pipeline, watch_id: str, version: str, worker_name: str) -> None:
+    """Queue the commands that mark a record started and count the attempt; the count is the first reply."""
+    key = records.record_key(watch_id, version)
+    pipeline.hincrby(key, "attempts", 1)
+    pipeline.hset(key, mapping={"state": records.STARTED, "started_at": repr(time.time()), "worker": worker_name})
+    pipeline.hdel(key, "error", "ended_at", "duration")
 
 
 def _reason_to_skip(path: str, fingerprint: str) -> str | None:
