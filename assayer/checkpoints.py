@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+from stat import S_ISDIR
 
 from absl import logging
 
@@ -138,9 +139,9 @@ def step_of(relative: str, pattern: re.Pattern[str]) -> int | None:
 def describe(path: str) -> Checkpoint | None:
     """Return the checkpoint at `path` as a listing would see it now, or None when it is gone."""
     try:
-        if os.path.isdir(path):
-            return _describe_folder(path)
         stat = os.stat(path)
+        if S_ISDIR(stat.st_mode):
+            return _describe_folder(path)
     except OSError:
         return None
     return Checkpoint(f"{stat.st_size}:{stat.st_mtime_ns}", stat.st_mtime, is_dir=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -34,7 +35,7 @@ class WatchConfig:
     search_path: str | None = None
     tensorboard_dir: str | None = None
 
-    @property
+    @functools.cached_property
     def watch_id(self) -> str:
         """A short stable name for the watch, derived from its directory, evaluator and regex."""
         identity = json.dumps([self.directory, self.evaluator, self.regex])
@@ -48,7 +49,9 @@ class WatchConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
+    @functools.lru_cache(maxsize=1024)
     def from_json(cls, text: str | bytes) -> WatchConfig:
+        """Parse a config. The same text gives the same instance, so a worker parses each watch's config once."""
         fields = {field.name for field in dataclasses.fields(cls)}
         values = {key: value for key, value in json.loads(text).items() if key in fields}
         return cls(**values)
