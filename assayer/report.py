@@ -260,10 +260,13 @@ def _align(rows: list[list[str]], right_aligned: set[int]) -> list[str]:
 
 
 def duration_of(record: dict[str, Any]) -> float | None:
-    """Return the seconds an evaluation took, or None when it has not ended.
+    """Return the seconds an evaluation took, or None when it has not ended or the evaluator never ran.
 
     A finished record stores its duration. A failed one has none, so it is taken from its start and end times.
+    A skipped one has start and end times too, of the job that found the checkpoint gone, but no duration.
     """
+    if record.get("state") == records_module.SKIPPED:
+        return None
     if "duration" in record:
         return record["duration"]
     if "started_at" in record and "ended_at" in record:

@@ -63,8 +63,9 @@ def add_exp1(connection) -> None:
         started_at=NOW - 50, ended_at=NOW - 48, attempts=1,
     )  # fmt: skip
     add_record(
-        connection, EXP1, "final.pt", None, state=records.SKIPPED, reason="deleted before its evaluation started"
-    )
+        connection, EXP1, "final.pt", None, state=records.SKIPPED, reason="deleted before its evaluation started",
+        started_at=NOW - 30, ended_at=NOW - 29, attempts=1,
+    )  # fmt: skip
     add_record(connection, EXP1, "ckpt_400.pt", 400)
 
 
