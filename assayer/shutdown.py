@@ -18,7 +18,9 @@ DIRECTORY = flags.DEFINE_string(
 )
 FORCE = flags.DEFINE_boolean("force", False, "Stop running evaluations now instead of letting them finish.")
 STOP_REDIS = flags.DEFINE_boolean("stop_redis", False, "Also stop the Redis server, if assayer started it.")
-TIMEOUT = flags.DEFINE_float("timeout", 60, "Seconds to wait for idle workers to exit.")
+TIMEOUT = flags.DEFINE_float(
+    "timeout", 60, "Seconds to wait for idle workers to exit and, with --force, for running evaluations to stop."
+)
 define_redis_flags()
 flags.adopt_module_key_flags(assayer_flags)
 
@@ -41,7 +43,7 @@ def main(argv: list[str]) -> None:
             return
         raise
     if DIRECTORY.value:
-        teardown.stop_directory(client, DIRECTORY.value, FORCE.value, out)
+        teardown.stop_directory(client, DIRECTORY.value, FORCE.value, TIMEOUT.value, out)
         return
     teardown.shutdown(settings, client, FORCE.value, STOP_REDIS.value, TIMEOUT.value, out)
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import redis
 from absl import logging
-from rq import Queue
+from rq import Queue, Worker
 from rq.command import send_shutdown_command, send_stop_job_command
 from rq.job import Job
 from rq.worker import WorkerStatus
@@ -29,7 +29,7 @@ STOP_REQUEST_TTL = 600
 """Seconds a stop request waits for a pool to read it; a pool reads it within a second when running."""
 
 
-def stop_directory(client: redis.Redis, directory: str, force: bool, out: Output) -> None:
+def stop_directory(client: redis.Redis, directory: str, force: bool, timeout: float, out: Output) -> None:
     """Stop the watches of one directory and their queued evaluations; leave workers and other watches."""
     path = os.path.abspath(os.path.expanduser(directory))
     known = records.load_watches(client)
@@ -37,48 +37,63 @@ def stop_directory(client: redis.Redis, directory: str, force: bool, out: Output
     if not targets:
         listed = ", ".join(sorted({config.directory for config, _ in known})) or "none"
         raise UsageError(f"--directory={directory}: no watch of {path} on this Redis; watched directories: {listed}")
+    running = []
     for config in targets:
         removed = watches.stop(client, config)
-        running = _running_evaluations(client, [config])
-        if force:
-            for job in running:
-                send_stop_job_command(client, job.id)
         out(
             f"stopped watch {config.watch_id} of {path} ({config.evaluator}); "
             f"{plural(removed, 'queued evaluation')} removed"
         )
-        _report_running(running, force, out)
+        running += _running_evaluations(client, [config])
+    if force:
+        for job in running:
+            send_stop_job_command(client, job.id)
+        _report_forced(client, running, time.monotonic() + timeout, out)
+    else:
+        _report_running(running, f"python -m assayer.shutdown --directory {path} --force stops them now", out)
 
 
 def shutdown(
     settings: RedisSettings, client: redis.Redis, force: bool, stop_redis: bool, timeout: float, out: Output
 ) -> None:
-    """Stop every watch, then assayer's workers, and with `stop_redis` the server assayer started."""
+    """Stop every watch, then assayer's workers, and with `stop_redis` the server assayer started.
+
+    With `force`, evaluations that run on RQ workers assayer did not start are stopped too, through RQ's
+    stop-job command. Those workers themselves keep running, and the output lists them.
+    """
+    deadline = time.monotonic() + timeout
     known = records.load_watches(client)
+    configs = [config for config, _ in known]
     active = [config for config, fields in known if fields.get("state") == watches.ACTIVE]
     removed = sum(watches.stop(client, config) for config in active)
     out(
         f"stopped {plural(len(active), 'watch')}; {plural(removed, 'queued evaluation')} removed (queued again "
         "when a watch resumes)"
     )
-    running = _running_evaluations(client, [config for config, _ in known])
+    running = _running_evaluations(client, configs)
+    ours = [job for job in running if workers.is_assayer_worker(job.worker_name or "")]
+    theirs = [job for job in running if job not in ours]
     before = len(workers.assayer_workers(client))
     _request_worker_stop(client, force)
+    if force:
+        for job in theirs:
+            send_stop_job_command(client, job.id)
     remaining = _wait_for_workers(client, timeout, allow_busy=not force)
-    busy = {job.worker_name for job in running}
+    busy = {job.worker_name for job in ours}
     stuck = sorted(name for name in remaining if force or name not in busy)
     if stuck:
         out(f"{plural(len(stuck), 'assayer worker')} did not stop within {timeout:g} s: {', '.join(stuck)}")
     elif not remaining:
         out(f"stopped {plural(before, 'assayer worker')}; none is running now")
-    if force and running:
-        out(f"stopped {plural(len(running), 'running evaluation')}, queued again for when its watch resumes:")
-        for job in running:
-            out(f"  {job.description}")
-    if not force:
-        _report_running(running, force, out)
+    if force:
+        _report_forced(client, running, deadline, out)
+    else:
+        hint = "python -m assayer.shutdown --force stops them now"
+        _report_running(ours, f"their workers exit afterwards; {hint}", out)
+        _report_running(theirs, f"on workers that assayer did not start; {hint}", out)
+    _report_other_workers(client, configs, out)
     if stop_redis:
-        _stop_redis(settings, out, busy=bool(remaining))
+        _stop_redis(settings, out, busy=bool(remaining) or (bool(theirs) and not force))
 
 
 def _request_worker_stop(client: redis.Redis, force: bool) -> None:
@@ -155,16 +170,66 @@ def _running_evaluations(client: redis.Redis, configs: list[WatchConfig]) -> lis
     return jobs
 
 
-def _report_running(running: list, force: bool, out: Output) -> None:
-    if not running or force:
+def _report_running(running: list, note: str, out: Output) -> None:
+    if not running:
         return
-    out(
-        f"{plural(len(running), 'evaluation')} still running and will finish; their workers exit afterwards "
-        "(python -m assayer.shutdown --force stops them now):"
-    )
+    out(f"{plural(len(running), 'evaluation')} still running and will finish ({note}):")
     for job in running:
         started = job.started_at.timestamp() if job.started_at else time.time()
         out(f"  {job.description} (running for {time.time() - started:.0f} s on {job.worker_name})")
+
+
+def _report_forced(client: redis.Redis, running: list, deadline: float, out: Output) -> None:
+    """Wait until the running evaluations asked to stop have left `started`, then report how each one ended.
+
+    An evaluation can finish between the listing and the stop; it is reported as finished, not stopped.
+    """
+    states = {}
+    while True:
+        states = {job.id: _record_state(client, job) for job in running}
+        if records.STARTED not in states.values() or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    stopped = [job for job in running if states[job.id] == records.QUEUED]
+    ended = [job for job in running if states[job.id] not in (records.QUEUED, records.STARTED)]
+    still = [job for job in running if states[job.id] == records.STARTED]
+    if stopped:
+        out(f"stopped {plural(len(stopped), 'running evaluation')}, queued again for when its watch resumes:")
+        for job in stopped:
+            out(f"  {job.description}")
+    if ended:
+        out(f"{plural(len(ended), 'evaluation')} ended before the stop reached it:")
+        for job in ended:
+            out(f"  {job.description} ({states[job.id] or 'record removed'})")
+    if still:
+        out(f"{plural(len(still), 'evaluation')} asked to stop, still running:")
+        for job in still:
+            out(f"  {job.description} (on {job.worker_name})")
+
+
+def _record_state(client: redis.Redis, job: Job) -> str | None:
+    config_json, _, version = job.args[:3]
+    record = records.load(client, WatchConfig.from_json(config_json).watch_id, version)
+    return record.get("state") if record else None
+
+
+def _report_other_workers(client: redis.Redis, configs: list[WatchConfig], out: Output) -> None:
+    """List the RQ workers that assayer did not start but that serve the watches' evaluation queues."""
+    queues = {config.eval_queue for config in configs}
+    others = [
+        worker
+        for worker in Worker.all(connection=client)
+        if not workers.is_assayer_worker(worker.name) and queues.intersection(worker.queue_names())
+    ]
+    if not others:
+        return
+    served = sorted({queue for worker in others for queue in worker.queue_names() if queue in queues})
+    out(
+        f"{plural(len(others), 'RQ worker')} that assayer did not start, on queue {', '.join(served)}, left running; "
+        "stop each where it runs (Ctrl-C, or kill PID on its host):"
+    )
+    for worker in others:
+        out(f"  {worker.name} (pid {worker.pid} on {worker.hostname})")
 
 
 def _stop_redis(settings: RedisSettings, out: Output, busy: bool) -> None:

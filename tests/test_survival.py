@@ -476,42 +476,140 @@ def test_shutdown_spares_foreign_work(watcher, connection, foreign_worker):
     assert [worker.name for worker in Worker.all(connection=connection) if worker.name.startswith("assayer-")] == []
 
 
-@pytest.mark.parametrize("worker_class", [None, "assayer.workers.EvaluationWorker"], ids=["rq", "assayer-class"])
-def test_hand_started_worker_records_start(watcher, connection, settings, worker_class):
-    """`rq worker evaluation`, as the README runs it on other machines, records each step of an evaluation."""
-    add_evaluators(watcher)
-    watcher.watch("--num_eval_workers=0", evaluator=evaluator(watcher, "waits_for_gate"))
-    command = [sys.executable, "-m", "rq.cli", "worker", "evaluation", "--url", settings.url]
-    if worker_class:
-        command += ["--worker-class", worker_class]
-    environment = dict(os.environ, PYTHONPATH=str(REPO))
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=watcher.elsewhere, env=environment
-    )
-    try:
+@pytest.fixture
+def start_rq_worker(settings, watcher):
+    """Start `rq worker evaluation` as the README shows for other machines, optionally with assayer's class.
+
+    Returns the worker's process and its registered name. Every worker started is killed at the end.
+    """
+    processes = []
+
+    def start(worker_class: str | None = None) -> tuple[subprocess.Popen, str]:
+        command = [sys.executable, "-m", "rq.cli", "worker", "evaluation"]
+        if worker_class:
+            command += ["--worker-class", worker_class]
+        # The URL travels in the environment, as the README advises, so that no process list shows it.
+        environment = dict(os.environ, PYTHONPATH=str(REPO), RQ_REDIS_URL=settings.url)
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=watcher.elsewhere, env=environment
+        )
+        processes.append(process)
+        connection = settings.connect()
         wait_for(lambda: _registered(connection, process.pid), 20, message="the worker to register")
         name = next(worker.name for worker in Worker.all(connection=connection) if worker.pid == process.pid)
-        assert name.startswith("assayer-eval-") == bool(worker_class)
-        write(watcher.directory / "model_epoch1.pt")
-        started = wait_for(
-            record_in(connection, watcher.directory, "model_epoch1.pt", records.STARTED),
-            30,
-            message="the evaluation to start",
-        )
-        assert (started["worker"], started["attempts"]) == (name, 1)
-        assert evaluated(watcher) == []
-        (watcher.evaluator_dir / "gate").touch()
-        done = wait_for(
-            record_in(connection, watcher.directory, "model_epoch1.pt", records.FINISHED),
-            30,
-            message="the evaluation to finish",
-        )
-        assert (done["worker"], done["attempts"]) == (name, 1)
-        assert started["started_at"] == done["started_at"] < done["ended_at"]
-        assert evaluated(watcher) == [str(watcher.directory / "model_epoch1.pt")]
-    finally:
+        return process, name
+
+    yield start
+    for process in processes:
         process.kill()
         process.wait(10)
+
+
+@pytest.mark.parametrize("worker_class", [None, "assayer.workers.EvaluationWorker"], ids=["rq", "assayer-class"])
+def test_hand_started_worker_records_start(watcher, connection, start_rq_worker, worker_class):
+    add_evaluators(watcher)
+    watcher.watch("--num_eval_workers=0", evaluator=evaluator(watcher, "waits_for_gate"))
+    _, name = start_rq_worker(worker_class)
+    assert name.startswith("assayer-eval-") == bool(worker_class)
+    write(watcher.directory / "model_epoch1.pt")
+    started = wait_for(
+        record_in(connection, watcher.directory, "model_epoch1.pt", records.STARTED),
+        30,
+        message="the evaluation to start",
+    )
+    assert (started["worker"], started["attempts"]) == (name, 1)
+    assert evaluated(watcher) == []
+    (watcher.evaluator_dir / "gate").touch()
+    done = wait_for(
+        record_in(connection, watcher.directory, "model_epoch1.pt", records.FINISHED),
+        30,
+        message="the evaluation to finish",
+    )
+    assert (done["worker"], done["attempts"]) == (name, 1)
+    assert started["started_at"] == done["started_at"] < done["ended_at"]
+    assert evaluated(watcher) == [str(watcher.directory / "model_epoch1.pt")]
+
+
+def test_shutdown_beside_hand_started_workers(watcher, connection, start_rq_worker):
+    add_evaluators(watcher)
+    watcher.watch("--num_eval_workers=0", evaluator=evaluator(watcher, "waits_for_gate"))
+    plain, plain_name = start_rq_worker()
+    ours, our_name = start_rq_worker("assayer.workers.EvaluationWorker")
+    names = ("model_epoch1.pt", "model_epoch2.pt")
+    for name in names:
+        write(watcher.directory / name)
+    for name in names:
+        wait_for(record_in(connection, watcher.directory, name, records.STARTED), 30, message=f"{name} to start")
+    on_worker = {record_of(connection, watcher.directory, name)["worker"]: name for name in names}
+    assert set(on_worker) == {plain_name, our_name}
+
+    result = watcher.shutdown()
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    ours_running = lines.index(
+        "shutdown: 1 evaluation still running and will finish (their workers exit afterwards; "
+        "python -m assayer.shutdown --force stops them now):"
+    )
+    assert f"evaluate '{on_worker[our_name]}' of watch" in lines[ours_running + 1]
+    assert lines[ours_running + 1].endswith(f"on {our_name})")
+    theirs_running = lines.index(
+        "shutdown: 1 evaluation still running and will finish (on workers that assayer did not start; "
+        "python -m assayer.shutdown --force stops them now):"
+    )
+    assert f"evaluate '{on_worker[plain_name]}' of watch" in lines[theirs_running + 1]
+    left_running = lines.index(
+        "shutdown: 1 RQ worker that assayer did not start, on queue evaluation, left running; "
+        "stop each where it runs (Ctrl-C, or kill PID on its host):"
+    )
+    assert lines[left_running + 1].startswith(f"shutdown:   {plain_name} (pid {plain.pid} on ")
+    assert "none is running now" not in result.stdout
+
+    result = watcher.shutdown("--force")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    stopped = lines.index("shutdown: stopped 2 running evaluations, queued again for when its watch resumes:")
+    assert sorted(lines[stopped + 1 : stopped + 3]) == sorted(
+        f"shutdown:   evaluate {name!r} of watch {watcher.directory} with {evaluator(watcher, 'waits_for_gate')}"
+        for name in names
+    )
+    assert "ended before the stop reached it" not in result.stdout
+    assert f"shutdown:   {plain_name} (pid {plain.pid} on " in result.stdout
+    for name in names:
+        record = record_of(connection, watcher.directory, name)
+        assert record["state"] == records.QUEUED
+        assert record["error"] == "stopped by a forced shutdown; evaluated again when the watch resumes"
+    wait_for(lambda: ours.poll() is not None, 20, message="the worker of assayer's class to exit")
+    assert plain.poll() is None
+    assert evaluated(watcher) == []
+
+
+def test_directory_stop_of_running_evaluation(watcher, connection):
+    add_evaluators(watcher)
+    gated = evaluator(watcher, "waits_for_gate")
+    watcher.watch(evaluator=gated)
+    write(watcher.directory / "model_epoch1.pt")
+    wait_for(record_in(connection, watcher.directory, "model_epoch1.pt", records.STARTED), 30, message="the start")
+    pool_workers = sorted(assayer_worker_pids(connection, "eval"))
+
+    result = watcher.shutdown(f"--directory={watcher.directory}")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "shutdown: 1 evaluation still running and will finish "
+        f"(python -m assayer.shutdown --directory {watcher.directory} --force stops them now):"
+    ) in result.stdout.splitlines()
+    result = watcher.shutdown(f"--directory={watcher.directory}", "--force")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    stopped = lines.index("shutdown: stopped 1 running evaluation, queued again for when its watch resumes:")
+    assert lines[stopped + 1] == f"shutdown:   evaluate 'model_epoch1.pt' of watch {watcher.directory} with {gated}"
+    record = record_of(connection, watcher.directory, "model_epoch1.pt")
+    assert record["state"] == records.QUEUED
+    assert sorted(assayer_worker_pids(connection, "eval")) == pool_workers
+
+    (watcher.evaluator_dir / "gate").touch()
+    watcher.watch(evaluator=gated)
+    wait_for(record_in(connection, watcher.directory, "model_epoch1.pt", records.FINISHED), 30, message="the rerun")
+    assert evaluated(watcher) == [str(watcher.directory / "model_epoch1.pt")]
 
 
 def test_odd_tree_watched_on(watcher, connection):
