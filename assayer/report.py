@@ -383,6 +383,18 @@ def plot(watches: Sequence[WatchRecords], path: str) -> list[str]:
     Raises:
         UsageError: matplotlib is not installed.
     """
+    figure, metrics = metrics_figure(watches)
+    if figure is not None:
+        figure.savefig(path, format="png", dpi=100)
+    return metrics
+
+
+def metrics_figure(watches: Sequence[WatchRecords]) -> tuple[Any, list[str]]:
+    """Return the matplotlib Figure that `plot` saves and the metrics it shows; no Figure when there are none.
+
+    Raises:
+        UsageError: matplotlib is not installed.
+    """
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -390,7 +402,7 @@ def plot(watches: Sequence[WatchRecords], path: str) -> list[str]:
     series = {watch.config.watch_id: _series(watch) for watch in watches}
     metrics = metric_names(record for watch in watches for record in watch.records if "step" in record)
     if not metrics:
-        return []
+        return None, []
     columns = min(3, len(metrics))
     rows = math.ceil(len(metrics) / columns)
     # A Figure made directly, without pyplot, renders with the Agg backend and leaves global state alone.
@@ -399,8 +411,7 @@ def plot(watches: Sequence[WatchRecords], path: str) -> list[str]:
     for index, metric in enumerate(metrics):
         axes = figure.add_subplot(rows, columns, index + 1)
         _draw_panel(axes, metric, watches, series, labels)
-    figure.savefig(path, format="png", dpi=100)
-    return metrics
+    return figure, metrics
 
 
 def _series(watch: WatchRecords) -> dict[str, tuple[list[int], list[float]]]:
@@ -414,6 +425,8 @@ def _series(watch: WatchRecords) -> dict[str, tuple[list[int], list[float]]]:
 
 
 def _draw_panel(axes, metric: str, watches, series, labels: dict[str, str]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     for index, watch in enumerate(watches):
         watch_id = watch.config.watch_id
         if metric in series[watch_id]:
@@ -423,6 +436,7 @@ def _draw_panel(axes, metric: str, watches, series, labels: dict[str, str]) -> N
     direction = "lower is better" if lower_is_better(metric) else "higher is better"
     axes.set_title(f"{display_text(metric)} ({direction})")
     axes.set_xlabel("step")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # Steps are whole numbers; so are their ticks.
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
 

@@ -401,6 +401,19 @@ def test_plot_one_panel_per_metric(connection, tmp_path):
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
+def test_plot_ticks_whole_steps(connection):
+    register(connection, EXP1)
+    for epoch in (1, 2, 3):
+        add_record(connection, EXP1, f"epoch{epoch}.pt", epoch, state=records.FINISHED, result={"acc": epoch / 4})
+
+    figure, metrics = report.metrics_figure(load(connection))
+
+    assert metrics == ["acc"]
+    ticks = list(figure.axes[0].get_xticks())
+    assert ticks
+    assert all(tick == int(tick) for tick in ticks)
+
+
 def test_plot_without_stepped_metrics(connection, tmp_path):
     register(connection, EXP1)
     add_record(connection, EXP1, "final.pt", None, state=records.FINISHED, result={"acc": 0.9})
