@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
 import redis
 
@@ -19,6 +19,9 @@ URL_ENV = "ASSAYER_REDIS_URL"
 """Environment variable that hands the full URL, password included, to worker processes.
 
 The environment of a process is readable only by its owner, unlike its command line."""
+
+SCHEMES = ("redis", "rediss", "unix")
+"""URL schemes that redis-py connects to: TCP, TCP with TLS, and a unix socket."""
 
 CONNECT_TIMEOUT = 5.0
 """Seconds to wait for a TCP connection to Redis before calling it unreachable."""
@@ -34,35 +37,74 @@ class RedisSettings:
     def from_flags(cls, redis_url: str | None, host: str, port: int) -> RedisSettings:
         """Build settings from `--redis_url` when given, else from `--redis_host` and `--redis_port`."""
         if redis_url:
-            scheme = urlsplit(redis_url).scheme
-            if scheme not in ("redis", "rediss", "unix"):
-                raise UsageError(
-                    f"--redis_url={mask(redis_url)} is invalid: the scheme must be redis://, rediss:// "
-                    "or unix://, e.g. redis://localhost:6379/0"
-                )
             settings = cls(redis_url)
             settings.check_url()
         else:
-            if not 0 < port < 65536:
-                raise UsageError(f"--redis_port={port} is invalid: use a TCP port between 1 and 65535")
+            check_host_and_port(host, port)
             netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             settings = cls(f"redis://{netloc}/0")
         return settings.with_saved_password()
 
     def check_url(self) -> None:
-        """Raise UsageError naming `--redis_url` when its port or database number is invalid."""
-        parts = urlsplit(self.url)
+        """Raise UsageError naming `--redis_url` when the URL cannot address a Redis server."""
+        scheme, separator, _ = self.url.partition("://")
+        if not separator or scheme.lower() not in SCHEMES:
+            raise self._invalid("the scheme must be redis://, rediss:// or unix://, e.g. redis://localhost:6379/0")
         try:
-            parts.port
+            parts = urlsplit(self.url)
         except ValueError:
-            raise UsageError(
-                f"--redis_url={self.masked} is invalid: the port must be a number, e.g. redis://localhost:6379/0"
+            # urlsplit rejects unmatched brackets and a bracketed host that is not an IPv6 address.
+            raise self._invalid(
+                "the host must be a host name, an IPv4 address or an IPv6 address in brackets, "
+                "e.g. redis://[::1]:6379/0"
             ) from None
-        database = parts.path.strip("/") if parts.scheme != "unix" else ""
-        if database and not database.isdigit():
-            raise UsageError(
-                f"--redis_url={self.masked} is invalid: the database must be a number, e.g. redis://localhost:6379/0"
+        if parts.scheme == "unix":
+            self._check_socket_path(parts)
+        else:
+            self._check_host_port_database(parts)
+        self._check_query_options()
+
+    def _check_socket_path(self, parts: SplitResult) -> None:
+        # redis-py takes the socket path from the URL's path and ignores a host, so unix://redis.sock
+        # would connect to an empty path. What follows unix:// is read here as the path the user meant.
+        written = unquote(parts.netloc.rpartition("@")[2] + parts.path)
+        if not written:
+            raise self._invalid(
+                "the socket path is missing; put an absolute path after unix://, e.g. unix:///tmp/redis.sock"
             )
+        if not os.path.isabs(written):
+            raise self._invalid(
+                f"the socket path {written} is relative; put an absolute path after unix://, "
+                f"e.g. unix://{os.path.abspath(written)}"
+            )
+
+    def _check_host_port_database(self, parts: SplitResult) -> None:
+        example = f"{parts.scheme}://localhost:6379/0"
+        if not parts.hostname:
+            raise self._invalid(f"the host is missing; put one after {parts.scheme}://, e.g. {example}")
+        try:
+            # None means no port, and redis-py then uses 6379. urlsplit raises ValueError for text or a port
+            # above 65535, but returns 0 for :0.
+            valid_port = parts.port != 0
+        except ValueError:
+            valid_port = False
+        if not valid_port:
+            raise self._invalid(f"the port must be a number between 1 and 65535, e.g. {example}")
+        database = parts.path.strip("/")
+        if database and not database.isdigit():
+            raise self._invalid(f"the database must be a number, e.g. {example}")
+
+    def _check_query_options(self) -> None:
+        # redis-py parses the query string into connection options only when it connects: a value of the wrong
+        # type raises ValueError and an unknown option raises TypeError. Building one connection, which opens
+        # no socket, raises both here.
+        try:
+            redis.ConnectionPool.from_url(self.url).make_connection()
+        except (TypeError, ValueError) as error:
+            raise self._invalid(f"redis-py rejected its query options ({error}); correct or remove them") from None
+
+    def _invalid(self, reason: str) -> UsageError:
+        return UsageError(f"--redis_url={self.masked} is invalid: {reason}")
 
     @property
     def masked(self) -> str:
@@ -144,19 +186,25 @@ class RedisSettings:
         try:
             client.ping()
         except redis.AuthenticationError as error:
+            if self.password is None:
+                raise self._password_required() from error
             raise UsageError(
                 f"Redis at {self.masked} rejected the password ({error}); put the right one in --redis_url"
             ) from error
         except redis.ResponseError as error:
             if "NOAUTH" not in str(error):
                 raise UsageError(f"Redis at {self.masked} returned an error to PING: {error}") from error
-            raise UsageError(
-                f"Redis at {self.masked} requires a password; give it in --redis_url, "
-                "e.g. redis://:PASSWORD@host:6379/0"
-            ) from error
+            raise self._password_required() from error
         except (redis.ConnectionError, redis.TimeoutError, socket.gaierror, OSError) as error:
             raise UnreachableError(self, error) from error
         return client
+
+    def _password_required(self) -> UsageError:
+        example = self.with_password("PASSWORD").url
+        return UsageError(
+            f"Redis at {self.masked} requires a password, and none was given; put it in --redis_url or "
+            f"$REDIS_URL, e.g. {example}"
+        )
 
     def environment(self) -> dict[str, str]:
         """Return the environment variables that hand these settings to a child process."""
@@ -177,12 +225,33 @@ class UnreachableError(UsageError):
 
 def mask(text: str) -> str:
     """Replace the password in a Redis URL inside `text` with `***`."""
-    parts = urlsplit(text) if "://" in text else None
+    try:
+        parts = urlsplit(text) if "://" in text else None
+    except ValueError:
+        return _mask_unparsed(text)
     if parts is None or (parts.password is None and not parts.username):
         return text
     host = parts.netloc.rsplit("@", 1)[-1]
     user = f"{parts.username}:" if parts.password is not None and parts.username else ""
     return urlunsplit((parts.scheme, f"{user}***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def _mask_unparsed(url: str) -> str:
+    # A URL that urlsplit rejects may still contain a password: mask everything before the last @.
+    scheme, separator, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    return f"{scheme}{separator}***@{rest.rsplit('@', 1)[1]}"
+
+
+def check_host_and_port(host: str, port: int) -> None:
+    """Raise UsageError naming `--redis_host` or `--redis_port` when the value cannot be part of a URL."""
+    if not host or any(character in host for character in "/@?#[] "):
+        raise UsageError(
+            f"--redis_host={host} is invalid: use a host name or IP address without brackets, e.g. localhost or ::1"
+        )
+    if not 0 < port < 65536:
+        raise UsageError(f"--redis_port={port} is invalid: use a TCP port between 1 and 65535")
 
 
 def password_file(settings: RedisSettings):

@@ -38,10 +38,12 @@ def load(reference: str, search_path: str | None = None) -> Evaluator:
     if not separator and reference.endswith(".py"):
         raise UsageError(f"--evaluator={reference} names a file but no function; use {reference}:FUNCTION")
     if separator and path.endswith(".py"):
+        if not function_name:
+            raise UsageError(f"--evaluator={reference} has no function name after the colon; use {path}:FUNCTION")
         module = _import_file(reference, path)
     else:
         module_name, _, function_name = reference.rpartition(".")
-        if not module_name or separator:
+        if not module_name or not function_name or separator:
             raise UsageError(
                 f"--evaluator={reference} is invalid: use path/to/file.py:function or package.module.function"
             )
@@ -51,14 +53,17 @@ def load(reference: str, search_path: str | None = None) -> Evaluator:
         raise UsageError(
             f"--evaluator={reference}: {module.__name__} has no attribute {function_name!r}; check the function name"
         )
-    check_signature(reference, function)
+    check_signature(reference, function_name, function)
     return function
 
 
-def check_signature(reference: str, function: Any) -> None:
-    """Raise UsageError unless `function` can be called with a single positional checkpoint path."""
+def check_signature(reference: str, name: str, function: Any) -> None:
+    """Raise UsageError unless `function`, found as `name`, can be called with a single positional checkpoint path."""
     if not callable(function):
-        raise UsageError(f"--evaluator={reference}: {type(function).__name__} object is not callable")
+        raise UsageError(
+            f"--evaluator={reference}: {name} is of type {type(function).__name__}, not a function; point "
+            f"--evaluator at a function that takes one checkpoint path, such as def {name}(checkpoint_path)"
+        )
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):

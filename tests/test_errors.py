@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+
 import pytest
-from conftest import free_port, run_command
+import redis
+from conftest import free_port, run_command, wait_for
 
 from assayer import records, workers
+from assayer.server import find_redis_server
 
 EVALUATORS = {
     "good.py": "def evaluate(path):\n    return 1.0\n",
@@ -67,7 +73,8 @@ CASES = [
     ),
     (
         ["--directory=ckpt", "--evaluator=not_callable.py:evaluate"],
-        "watch: error: --evaluator={folder}/not_callable.py:evaluate: int object is not callable",
+        "watch: error: --evaluator={folder}/not_callable.py:evaluate: evaluate is of type int, not a function; point "
+        "--evaluator at a function that takes one checkpoint path, such as def evaluate(checkpoint_path)",
     ),
     (
         ["--directory=ckpt", "--evaluator=nomodule.evals.score"],
@@ -88,8 +95,8 @@ CASES = [
     ),
     (
         ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=redis://localhost:notaport/0"],
-        "watch: error: --redis_url=redis://localhost:notaport/0 is invalid: the port must be a number, e.g. "
-        "redis://localhost:6379/0",
+        "watch: error: --redis_url=redis://localhost:notaport/0 is invalid: the port must be a number between 1 and "
+        "65535, e.g. redis://localhost:6379/0",
     ),
     (
         ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=redis://:secret@localhost:1/abc"],
@@ -137,7 +144,7 @@ CASES = [
     ),
     (
         ["--directory=ckpt", "--evaluator=good.py:evaluate", "--num_eval_workers=five"],
-        "watch: error: flag --num_eval_workers=five: invalid literal for int() with base 10: 'five' (see --helpshort)",
+        "watch: error: --num_eval_workers=five: expected a whole number such as 5",
     ),
     (
         ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=http://localhost:6379"],
@@ -148,17 +155,132 @@ CASES = [
         ["--directory=ckpt", "--evaluator=good.py:evaluate", "extra"],
         "watch: error: unexpected argument 'extra'; every option is a --flag (see --helpshort)",
     ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:"],
+        "watch: error: --evaluator={folder}/good.py: has no function name after the colon; use "
+        "{folder}/good.py:FUNCTION",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=redis://[::1"],
+        "watch: error: --redis_url=redis://[::1 is invalid: the host must be a host name, an IPv4 address or an IPv6 "
+        "address in brackets, e.g. redis://[::1]:6379/0",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=redis://:secret@[zz]:6379/0"],
+        "watch: error: --redis_url=redis://***@[zz]:6379/0 is invalid: the host must be a host name, an IPv4 address "
+        "or an IPv6 address in brackets, e.g. redis://[::1]:6379/0",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=redis://"],
+        "watch: error: --redis_url=redis:// is invalid: the host is missing; put one after redis://, e.g. "
+        "redis://localhost:6379/0",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=rediss://:secret@:6380/0"],
+        "watch: error: --redis_url=rediss://***@:6380/0 is invalid: the host is missing; put one after rediss://, "
+        "e.g. rediss://localhost:6379/0",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=unix://"],
+        "watch: error: --redis_url=unix:// is invalid: the socket path is missing; put an absolute path after "
+        "unix://, e.g. unix:///tmp/redis.sock",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=unix://relative.sock", "--nolaunch_redis"],
+        "watch: error: --redis_url=unix://relative.sock is invalid: the socket path relative.sock is relative; put "
+        "an absolute path after unix://, e.g. unix://{folder}/relative.sock",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=redis://127.0.0.1:99999/0"],
+        "watch: error: --redis_url=redis://127.0.0.1:99999/0 is invalid: the port must be a number between 1 and "
+        "65535, e.g. redis://localhost:6379/0",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=redis://127.0.0.1:0/0"],
+        "watch: error: --redis_url=redis://127.0.0.1:0/0 is invalid: the port must be a number between 1 and "
+        "65535, e.g. redis://localhost:6379/0",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=redis://localhost:6379/0?timeout=5"],
+        "watch: error: --redis_url=redis://localhost:6379/0?timeout=5 is invalid: redis-py rejected its query "
+        "options (AbstractConnection.__init__() got an unexpected keyword argument 'timeout'); correct or remove them",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=redis://localhost:6379/0?db=one"],
+        "watch: error: --redis_url=redis://localhost:6379/0?db=one is invalid: redis-py rejected its query options "
+        "(Invalid value for 'db' in connection URL.); correct or remove them",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=", "--redis_host=[::1]"],
+        "watch: error: --redis_host=[::1] is invalid: use a host name or IP address without brackets, e.g. "
+        "localhost or ::1",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--polling_interval=abc"],
+        "watch: error: --polling_interval=abc: expected a number of seconds such as 5",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--num_eval_workers=many"],
+        "watch: error: --num_eval_workers=many: expected a whole number such as 5",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--eval_timeout=1.5"],
+        "watch: error: --eval_timeout=1.5: expected a whole number of seconds such as 1",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--eval_existing=maybe"],
+        "watch: error: --eval_existing=maybe: expected true or false, or the flag alone: --eval_existing or "
+        "--noeval_existing",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--noeval_existing=1"],
+        "watch: error: --noeval_existing=1: --noeval_existing takes no value; write --noeval_existing, or "
+        "--eval_existing=true or false",
+    ),
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--num_eval_workers"],
+        "watch: error: --num_eval_workers needs a value: expected a whole number such as 5",
+    ),
 ]
 
 
 @pytest.mark.parametrize("args, expected", CASES, ids=[" ".join(args) for args, _ in CASES])
-def test_watch_rejects_bad_input(settings, connection, folder, args, expected):
+def test_watch_rejects_bad_input(settings, connection, folder, state_home, args, expected):
     result = watch(settings, folder, *args)
     assert result.returncode == 1
     assert result.stderr.strip() == expected.format(folder=folder)
     assert "Traceback" not in result.stderr
+    assert "secret" not in result.stdout + result.stderr
     assert connection.smembers(records.WATCHES_KEY) == set()
     assert workers.running_pools(connection) == {}
+    assert not (state_home / "assayer").exists()
+
+
+STATUS_CASES = [
+    (
+        ["--interval=0.01"],
+        "status: error: --interval=0.01: expected a number of seconds of at least 0.1, such as 5",
+    ),
+    (["--format=xml"], "status: error: --format=xml: expected one of table, json, csv"),
+    (
+        ["--follow=maybe"],
+        "status: error: --follow=maybe: expected true or false, or the flag alone: --follow or --nofollow",
+    ),
+]
+
+
+@pytest.mark.parametrize("args, expected", STATUS_CASES, ids=[" ".join(args) for args, _ in STATUS_CASES])
+def test_status_rejects_bad_flags(settings, folder, args, expected):
+    result = run_command("assayer.status", f"--redis_url={settings.url}", *args, cwd=folder)
+    assert result.returncode == 1
+    assert result.stderr.strip() == expected
+    assert "Traceback" not in result.stderr
+
+
+def test_shutdown_rejects_bad_timeout(settings, folder):
+    result = run_command("assayer.shutdown", f"--redis_url={settings.url}", "--timeout=soon", cwd=folder)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "shutdown: error: --timeout=soon: expected a number of seconds such as 60"
 
 
 def test_unreachable_redis_without_launch(folder, state_home):
@@ -202,3 +324,155 @@ def test_shutdown_unknown_directory(settings, folder):
     assert result.stderr.strip() == (
         f"shutdown: error: --directory=nowhere: no watch of {folder}/nowhere on this Redis; watched directories: none"
     )
+
+
+def launch_watch(folder, redis_url: str, *args: str):
+    """Run the watch command with --launch_redis on, as a new user would, against `redis_url`."""
+    return run_command(
+        "assayer.watch",
+        f"--redis_url={redis_url}",
+        "--directory=ckpt",
+        "--evaluator=good.py:evaluate",
+        "--num_eval_workers=0",
+        "--num_watch_workers=0",
+        *args,
+        cwd=folder,
+    )
+
+
+def port_in_use_message(port: int) -> str:
+    return (
+        f"watch: error: port {port} on 127.0.0.1 is in use by another program that does not respond as a Redis "
+        "server; use a free port with --redis_port or --redis_url, or pass --nolaunch_redis so that assayer does "
+        "not start a Redis server"
+    )
+
+
+def accepts_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def http_port(tmp_path):
+    """A loopback port where Python's http.server listens, a program that is not Redis."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: accepts_connections(port), 10, message="http.server to listen")
+    yield port
+    process.terminate()
+    process.wait(10)
+
+
+def test_launch_on_port_of_http_server(http_port, folder, state_home):
+    url = f"redis://127.0.0.1:{http_port}/0"
+    result = launch_watch(folder, url)
+    assert result.returncode == 1
+    assert result.stderr.strip() == port_in_use_message(http_port)
+    assert not (state_home / "assayer").exists()
+
+    status = run_command("assayer.status", f"--redis_url={url}", cwd=folder)
+    assert status.returncode == 1
+    assert status.stderr.startswith(f"status: error: cannot reach Redis at {url} (")
+
+
+def test_launch_on_port_bound_elsewhere(folder, state_home):
+    # A socket that is bound but not listening refuses connections, so only redis-server's own bind finds it taken.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        result = launch_watch(folder, f"redis://127.0.0.1:{port}/0")
+    assert result.returncode == 1
+    assert result.stderr.strip() == port_in_use_message(port)
+    assert not (state_home / "assayer").exists()
+
+
+def test_launch_on_unix_path_of_file(folder, state_home):
+    notes = folder / "notes.txt"
+    notes.write_text("keep me")
+    result = launch_watch(folder, f"unix://{notes}")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"watch: error: no Redis server is listening at unix://{notes}, and {notes} is a file, not a socket, which "
+        "redis-server would delete; use another socket path in --redis_url"
+    )
+    assert notes.read_text() == "keep me"
+    assert not (state_home / "assayer").exists()
+
+
+def test_launch_in_missing_socket_folder(folder, state_home):
+    path = folder / "missing" / "redis.sock"
+    result = launch_watch(folder, f"unix://{path}")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"watch: error: no Redis server is listening at unix://{path}, and redis-server cannot create its socket "
+        f"there: folder {folder}/missing does not exist; create it or use another socket path in --redis_url"
+    )
+    assert not (state_home / "assayer").exists()
+
+
+def test_launch_on_socket_of_other_program(folder, state_home):
+    path = folder / "other.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        # The listener accepts connections into its backlog and never replies, so PING times out.
+        listener.bind(str(path))
+        listener.listen()
+        result = launch_watch(folder, f"unix://{path}")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"watch: error: socket {path} is in use by another program that does not respond as a Redis server; use "
+        "another socket path in --redis_url, or pass --nolaunch_redis so that assayer does not start a Redis server"
+    )
+    assert path.exists()
+    assert not (state_home / "assayer").exists()
+
+
+@pytest.fixture
+def password_port(tmp_path):
+    """The loopback port of a redis-server that requires the password `secret`."""
+    port = free_port()
+    process = subprocess.Popen(
+        [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", ""]
+        + ["--appendonly", "no", "--requirepass", "secret"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, password="secret")
+    wait_for(lambda: responds_to_ping(client), 10, message="redis-server with a password to respond")
+    yield port
+    client.close()
+    process.terminate()
+    process.wait(10)
+
+
+def responds_to_ping(client: redis.Redis) -> bool:
+    try:
+        return client.ping()
+    except redis.ConnectionError:
+        return False
+
+
+PROGRAM_ARGS = {
+    "status": [],
+    "watch": ["--directory=ckpt", "--evaluator=good.py:evaluate", "--num_eval_workers=0", "--num_watch_workers=0"],
+}
+
+
+@pytest.mark.parametrize("program", PROGRAM_ARGS)
+def test_password_required_but_missing(password_port, folder, state_home, program):
+    url = f"redis://127.0.0.1:{password_port}/0"
+    result = run_command(f"assayer.{program}", f"--redis_url={url}", *PROGRAM_ARGS[program], cwd=folder)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"{program}: error: Redis at {url} requires a password, and none was given; put it in --redis_url or "
+        f"$REDIS_URL, e.g. redis://:PASSWORD@127.0.0.1:{password_port}/0"
+    )
+    assert not (state_home / "assayer").exists()
