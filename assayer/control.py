@@ -80,6 +80,7 @@ def connect(settings: RedisSettings, launch_redis: bool, out: Output) -> tuple[R
     out(
         f"started redis-server at {started.masked}, listening on this machine only, "
         f"data in {server.server_dir(settings)}; stop it with python -m assayer.shutdown --stop_redis"
+        f"{redis_flags_hint(started)}"
     )
     return started, started.check()
 
@@ -122,12 +123,16 @@ def start_watch(
     if not num_watch_workers and not _serving(client, config.watch_queue):
         out(f"warning: no worker serves queue {config.watch_queue!r} yet; polls wait until one starts")
     if not num_eval_workers and not _serving(client, config.eval_queue):
+        # rq reads its URL from RQ_REDIS_URL, where the process list does not show the password.
+        url, note = url_for_shell(settings)
         out(
             f"warning: no worker serves queue {config.eval_queue!r} yet; evaluations wait until one starts, "
-            f"e.g. rq worker {config.eval_queue} --url {settings.masked}"
+            f"e.g. RQ_REDIS_URL={url} rq worker {shlex.quote(config.eval_queue)} -w assayer.workers.EvaluationWorker"
+            f"{note}"
         )
 
-    out(f"monitor: rq info --url {monitor_url(settings)}")
+    url, note = url_for_shell(settings)
+    out(f"monitor: rq info --url {url}{note}")
     redis_flags = redis_flags_hint(settings)
     out(f"results: python -m assayer.status{redis_flags}    stop: python -m assayer.shutdown{redis_flags}")
 
@@ -146,16 +151,20 @@ def redis_flags_hint(settings: RedisSettings) -> str:
     return "" if plain == DEFAULT_URL else f" --redis_url {shlex.quote(plain)}"
 
 
-def monitor_url(settings: RedisSettings) -> str:
-    """Return a shell word for the URL that reads a saved password from its file instead of printing it."""
+def url_for_shell(settings: RedisSettings) -> tuple[str, str]:
+    """Return a shell word for the URL that never prints a password, and a note to show after the command.
+
+    The shell reads a password that assayer saved from its file. Any other password shows as `***`, and the
+    note tells the user to put theirs in its place.
+    """
     if settings.password is None:
-        return shlex.quote(settings.url)
+        return shlex.quote(settings.url), ""
     if _password_is_saved(settings):
         saved = password_file(settings)
         plain = RedisSettings(settings.url).with_password("PASSWORD").url
         head, tail = plain.split("PASSWORD", 1)
-        return f'"{head}$(cat {shlex.quote(str(saved))}){tail}"'
-    return shlex.quote(settings.masked) + "  (with your password in place of ***)"
+        return f'"{head}$(cat {shlex.quote(str(saved))}){tail}"', ""
+    return shlex.quote(settings.masked), "  (with your password in place of ***)"
 
 
 def _password_is_saved(settings: RedisSettings) -> bool:

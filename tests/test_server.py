@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import redis
-from conftest import Watcher, free_port, run_command, stop_everything, wait_for
+from conftest import REPO, Watcher, free_port, run_command, stop_everything, wait_for
 
 from assayer.connection import RedisSettings
 
@@ -81,8 +81,47 @@ def test_watch_starts_private_server(tmp_path, state_home, launched):
     assert status.returncode == 0, status.stderr
     assert "model_epoch1.pt" in status.stdout
 
+    # A second watch without workers prints a worker command; run as printed, it evaluates that watch.
+    by_hand = watcher.root / "by-hand"
+    second = run_command(
+        "assayer.watch",
+        f"--directory={by_hand}",
+        f"--evaluator={watcher.evaluator}",
+        "--redis_port",
+        str(launched.port),
+        "--num_watch_workers=0",
+        "--num_eval_workers=0",
+        "--eval_queue_name=by-hand",
+        "--polling_interval=0.5",
+        cwd=watcher.elsewhere,
+    )
+    assert second.returncode == 0, second.stderr
+    warning = next(line for line in second.stdout.splitlines() if "no worker serves queue 'by-hand'" in line)
+    worker_command = warning.split("e.g. ", 1)[1]
+    assert worker_command.startswith("RQ_REDIS_URL=")
+    assert password not in worker_command
+    worker = subprocess.Popen(
+        ["bash", "-c", f"exec env {worker_command}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=watcher.elsewhere,
+        env=dict(os.environ, PATH=os.path.dirname(sys.executable) + ":" + BARE_PATH, PYTHONPATH=str(REPO)),
+    )
+    try:
+        by_hand.mkdir()
+        (by_hand / "model_epoch1.pt").write_bytes(b"weights")
+        wait_for(lambda: len(watcher.evaluations()) == 2, 30, message="the hand-started worker's evaluation")
+        with open(f"/proc/{worker.pid}/cmdline", "rb") as cmdline:
+            assert password.encode() not in cmdline.read()
+    finally:
+        worker.kill()
+        worker.wait(10)
+
     server_pid = client.info("server")["process_id"]
-    stopped = run_command("assayer.shutdown", "--redis_port", str(launched.port), "--stop_redis")
+    stop_hint = next(line for line in result.stdout.splitlines() if "stop it with " in line)
+    stop_command = stop_hint.split("stop it with ", 1)[1]
+    assert stop_command == f"python -m assayer.shutdown --stop_redis --redis_url redis://localhost:{launched.port}/0"
+    stopped = run_command(*stop_command.removeprefix("python -m ").split())
     assert stopped.returncode == 0, stopped.stderr
     assert f"shutdown: stopped redis-server at redis://***@localhost:{launched.port}/0 (pid {server_pid})" in (
         stopped.stdout
