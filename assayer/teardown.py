@@ -11,7 +11,7 @@ import redis
 from absl import logging
 from rq import Queue, Worker
 from rq.command import send_shutdown_command, send_stop_job_command
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.worker import WorkerStatus
 
 from assayer import records, server, watches, workers
@@ -74,7 +74,7 @@ def shutdown(
     ours = [job for job in running if workers.is_assayer_worker(job.worker_name or "")]
     theirs = [job for job in running if job not in ours]
     before = len(workers.assayer_workers(client))
-    _request_worker_stop(client, force)
+    _request_worker_stop(client, force, deadline)
     if force:
         for job in theirs:
             send_stop_job_command(client, job.id)
@@ -96,7 +96,7 @@ def shutdown(
         _stop_redis(settings, out, busy=bool(remaining) or (bool(theirs) and not force))
 
 
-def _request_worker_stop(client: redis.Redis, force: bool) -> None:
+def _request_worker_stop(client: redis.Redis, force: bool, deadline: float) -> None:
     mode = "force" if force else "warm"
     pools = workers.running_pools(client)
     _STOPPING_POOLS.update(
@@ -106,16 +106,37 @@ def _request_worker_stop(client: redis.Redis, force: bool) -> None:
         client.set(workers.stop_key(name), mode, ex=STOP_REQUEST_TTL)
     in_pools = {name for pool in pools.values() for name in pool.get("workers", [])}
     _forget_dead_workers(client)
+    stopping_jobs = {}
     for worker in workers.assayer_workers(client):
         if worker.name in in_pools:
             continue  # Its pool stops it, and would replace it if it stopped on its own.
         # A worker started by hand with `rq worker -w assayer.workers...` gets RQ's own commands. Stopping
         # its job, rather than killing its work horse, records the evaluation as stopped, not failed.
         job_id = worker.get_current_job_id() if force and worker.get_state() == WorkerStatus.BUSY else None
-        if job_id is not None:
+        if job_id is None:
+            send_shutdown_command(client, worker.name)
+        else:
             send_stop_job_command(client, job_id)
-        send_shutdown_command(client, worker.name)
+            stopping_jobs[worker.name] = job_id
+    _shut_down_after_stops(client, stopping_jobs, deadline)
     logging.info("shutdown: %s stop requested from %d pools", mode, len(pools))
+
+
+def _shut_down_after_stops(client: redis.Redis, stopping_jobs: dict[str, str], deadline: float) -> None:
+    """Send each worker its shutdown command once RQ has stopped its job, or at the deadline.
+
+    Sent at once, the shutdown command can interrupt the worker while it records the stopped job, and the
+    evaluation's record then stays `started`.
+    """
+    while stopping_jobs:
+        names = list(stopping_jobs)
+        jobs = Job.fetch_many([stopping_jobs[name] for name in names], connection=client)
+        for name, job in zip(names, jobs):
+            if job is None or job.get_status(refresh=False) != JobStatus.STARTED or time.monotonic() > deadline:
+                send_shutdown_command(client, name)
+                del stopping_jobs[name]
+        if stopping_jobs:
+            time.sleep(0.1)
 
 
 def _wait_for_workers(client: redis.Redis, timeout: float, allow_busy: bool) -> list[str]:
