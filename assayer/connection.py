@@ -189,9 +189,16 @@ class RedisSettings:
             if self.password is None:
                 raise self._password_required() from error
             raise UsageError(
-                f"Redis at {self.masked} rejected the password ({error}); put the right one in --redis_url"
+                f"Redis at {self.masked} rejected the password ({error}); put the right one in --redis_url or "
+                "$REDIS_URL"
             ) from error
         except redis.ResponseError as error:
+            if "DB index is out of range" in str(error):
+                database = urlsplit(self.url).path.strip("/")
+                raise UsageError(
+                    f"Redis at {self.masked} has no database {database} ({error}); use a lower number in "
+                    "--redis_url: a server has 16 databases, 0 to 15, unless its `databases` setting says otherwise"
+                ) from error
             if "NOAUTH" not in str(error):
                 raise UsageError(f"Redis at {self.masked} returned an error to PING: {error}") from error
             raise self._password_required() from error
@@ -224,7 +231,7 @@ class UnreachableError(UsageError):
 
 
 def mask(text: str) -> str:
-    """Replace the password in a Redis URL inside `text` with `***`."""
+    """Return `text`, a Redis URL, with its password replaced by `***`; text that is not a URL is returned as is."""
     try:
         parts = urlsplit(text) if "://" in text else None
     except ValueError:
@@ -232,7 +239,8 @@ def mask(text: str) -> str:
     if parts is None or (parts.password is None and not parts.username):
         return text
     host = parts.netloc.rsplit("@", 1)[-1]
-    user = f"{parts.username}:" if parts.password is not None and parts.username else ""
+    # `redis://:PASSWORD@host` masks to `redis://:***@host`, so that putting the password back gives a valid URL.
+    user = f"{parts.username or ''}:" if parts.password is not None else ""
     return urlunsplit((parts.scheme, f"{user}***@{host}", parts.path, parts.query, parts.fragment))
 
 
@@ -241,7 +249,9 @@ def _mask_unparsed(url: str) -> str:
     scheme, separator, rest = url.partition("://")
     if "@" not in rest:
         return url
-    return f"{scheme}{separator}***@{rest.rsplit('@', 1)[1]}"
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0] + ":" if ":" in credentials else ""
+    return f"{scheme}{separator}{user}***@{host}"
 
 
 def check_host_and_port(host: str, port: int) -> None:

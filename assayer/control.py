@@ -73,6 +73,10 @@ def connect(settings: RedisSettings, launch_redis: bool, out: Output) -> tuple[R
         return settings, settings.check()
     except UnreachableError as error:
         if settings.is_local and not launch_redis:
+            if not settings.is_unix_socket and server.tcp_port_taken(settings):
+                raise UsageError(
+                    f"{server.not_redis_reason(settings)}; point --redis_url or --redis_port at your Redis server"
+                ) from None
             raise UsageError(f"{error}, or leave --launch_redis on so that assayer starts one") from None
         if not settings.is_local:
             raise
@@ -155,7 +159,7 @@ def url_for_shell(settings: RedisSettings) -> tuple[str, str]:
     """Return a shell word for the URL that never prints a password, and a note to show after the command.
 
     The shell reads a password that assayer saved from its file. Any other password shows as `***`, and the
-    note tells the user to put theirs in its place.
+    note asks the user to put theirs in its place.
     """
     if settings.password is None:
         return shlex.quote(settings.url), ""

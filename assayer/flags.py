@@ -45,6 +45,11 @@ def redis_settings_from_flags() -> RedisSettings:
     Raises:
         UsageError: the URL or port is invalid.
     """
+    if FLAGS.redis_url == "":
+        raise UsageError(
+            "--redis_url is empty; give a URL such as redis://localhost:6379/0, or leave the flag out to use "
+            "$REDIS_URL or --redis_host and --redis_port"
+        )
     url = FLAGS.redis_url if FLAGS.redis_url is not None else os.environ.get(URL_ENV)
     return RedisSettings.from_flags(url, FLAGS.redis_host, FLAGS.redis_port)
 

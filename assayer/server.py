@@ -83,11 +83,9 @@ def _check_address_free(settings: RedisSettings) -> None:
     is not Redis.
     """
     if not settings.is_unix_socket:
-        try:
-            socket.create_connection((settings.host, settings.port), timeout=CONNECT_TIMEOUT).close()
-        except OSError:
-            return
-        raise _port_in_use(settings)
+        if tcp_port_taken(settings):
+            raise _port_in_use(settings)
+        return
     path = settings.socket_path
     if not os.path.isdir(os.path.dirname(path)):
         raise UsageError(
@@ -231,11 +229,33 @@ def _wait_until_ready(
     )
 
 
+def tcp_port_taken(settings: RedisSettings) -> bool:
+    """Return whether a program accepts TCP connections at the host and port of `settings`."""
+    try:
+        socket.create_connection((settings.host, settings.port), timeout=CONNECT_TIMEOUT).close()
+    except OSError:
+        return False
+    return True
+
+
+def not_redis_reason(settings: RedisSettings) -> str:
+    """Return why a program that accepts connections at the address of `settings` is not the Redis server wanted."""
+    if settings.url.startswith("rediss://"):
+        return (
+            f"port {settings.port} on {settings.host} accepts connections but does not answer as a Redis server "
+            "over TLS, as rediss:// asks; for a Redis server without TLS, use redis://"
+        )
+    return (
+        f"port {settings.port} on {settings.host} is in use by another program that does not respond as a Redis server"
+    )
+
+
 def _port_in_use(settings: RedisSettings) -> UsageError:
+    if settings.url.startswith("rediss://"):
+        return UsageError(not_redis_reason(settings))
     return UsageError(
-        f"port {settings.port} on {settings.host} is in use by another program that does not respond as a Redis "
-        "server; use a free port with --redis_port or --redis_url, or pass --nolaunch_redis so that assayer "
-        "does not start a Redis server"
+        f"{not_redis_reason(settings)}; use a free port with --redis_port or --redis_url, or pass --nolaunch_redis "
+        "so that assayer does not start a Redis server"
     )
 
 

@@ -11,6 +11,7 @@ import redis
 from conftest import free_port, run_command, wait_for
 
 from assayer import records, workers
+from assayer.connection import mask
 from assayer.server import find_redis_server
 
 EVALUATORS = {
@@ -43,6 +44,11 @@ def watch(settings, folder, *args):
 
 
 CASES = [
+    (
+        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url="],
+        "watch: error: --redis_url is empty; give a URL such as redis://localhost:6379/0, or leave the flag out to "
+        "use $REDIS_URL or --redis_host and --redis_port",
+    ),
     (
         ["--directory=ckpt", "--evaluator=missing.py:evaluate"],
         "watch: error: --evaluator={folder}/missing.py:evaluate: file {folder}/missing.py not found",
@@ -100,7 +106,7 @@ CASES = [
     ),
     (
         ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=redis://:secret@localhost:1/abc"],
-        "watch: error: --redis_url=redis://***@localhost:1/abc is invalid: the database must be a number, e.g. "
+        "watch: error: --redis_url=redis://:***@localhost:1/abc is invalid: the database must be a number, e.g. "
         "redis://localhost:6379/0",
     ),
     (
@@ -167,7 +173,7 @@ CASES = [
     ),
     (
         ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=redis://:secret@[zz]:6379/0"],
-        "watch: error: --redis_url=redis://***@[zz]:6379/0 is invalid: the host must be a host name, an IPv4 address "
+        "watch: error: --redis_url=redis://:***@[zz]:6379/0 is invalid: the host must be a host name, an IPv4 address "
         "or an IPv6 address in brackets, e.g. redis://[::1]:6379/0",
     ),
     (
@@ -177,7 +183,7 @@ CASES = [
     ),
     (
         ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=rediss://:secret@:6380/0"],
-        "watch: error: --redis_url=rediss://***@:6380/0 is invalid: the host is missing; put one after rediss://, "
+        "watch: error: --redis_url=rediss://:***@:6380/0 is invalid: the host is missing; put one after rediss://, "
         "e.g. rediss://localhost:6379/0",
     ),
     (
@@ -209,11 +215,6 @@ CASES = [
         ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=redis://localhost:6379/0?db=one"],
         "watch: error: --redis_url=redis://localhost:6379/0?db=one is invalid: redis-py rejected its query options "
         "(Invalid value for 'db' in connection URL.); correct or remove them",
-    ),
-    (
-        ["--directory=ckpt", "--evaluator=good.py:evaluate", "--redis_url=", "--redis_host=[::1]"],
-        "watch: error: --redis_host=[::1] is invalid: use a host name or IP address without brackets, e.g. "
-        "localhost or ::1",
     ),
     (
         ["--directory=ckpt", "--evaluator=good.py:evaluate", "--polling_interval=abc"],
@@ -295,7 +296,7 @@ def test_unreachable_redis_without_launch(folder, state_home):
     )
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        f"watch: error: cannot reach Redis at redis://***@127.0.0.1:{port}/0 (Error 111 connecting to "
+        f"watch: error: cannot reach Redis at redis://:***@127.0.0.1:{port}/0 (Error 111 connecting to "
         f"127.0.0.1:{port}. Connection refused.); start a Redis server there or point --redis_url at one, or "
         "leave --launch_redis on so that assayer starts one"
     )
@@ -313,7 +314,7 @@ def test_other_host_is_never_launched(folder, state_home):
         cwd=folder,
     )
     assert result.returncode == 1
-    assert result.stderr.startswith(f"watch: error: cannot reach Redis at redis://***@127.0.0.2:{port}/0 (")
+    assert result.stderr.startswith(f"watch: error: cannot reach Redis at redis://:***@127.0.0.2:{port}/0 (")
     assert "secret" not in result.stdout + result.stderr
     assert not (state_home / "assayer" / "redis").exists()
 
@@ -382,6 +383,67 @@ def test_launch_on_port_of_http_server(http_port, folder, state_home):
     status = run_command("assayer.status", f"--redis_url={url}", cwd=folder)
     assert status.returncode == 1
     assert status.stderr.startswith(f"status: error: cannot reach Redis at {url} (")
+
+
+def test_bracketed_redis_host(folder, state_home):
+    result = run_command(
+        "assayer.watch",
+        "--directory=ckpt",
+        "--evaluator=good.py:evaluate",
+        "--redis_host=[::1]",
+        env={"REDIS_URL": ""},
+        cwd=folder,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "watch: error: --redis_host=[::1] is invalid: use a host name or IP address without brackets, e.g. "
+        "localhost or ::1"
+    )
+    assert not (state_home / "assayer").exists()
+
+
+def test_no_launch_on_port_of_http_server(http_port, folder, state_home):
+    result = launch_watch(folder, f"redis://127.0.0.1:{http_port}/0", "--nolaunch_redis")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"watch: error: port {http_port} on 127.0.0.1 is in use by another program that does not respond as a "
+        "Redis server; point --redis_url or --redis_port at your Redis server"
+    )
+
+
+def test_tls_url_for_plain_redis(settings, folder, state_home):
+    port = settings.port
+    result = launch_watch(folder, f"rediss://127.0.0.1:{port}/0")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"watch: error: port {port} on 127.0.0.1 accepts connections but does not answer as a Redis server over "
+        "TLS, as rediss:// asks; for a Redis server without TLS, use redis://"
+    )
+    assert not (state_home / "assayer").exists()
+
+
+def test_database_out_of_range(settings, folder):
+    url = settings.url.rsplit("/", 1)[0] + "/99"
+    result = run_command("assayer.status", f"--redis_url={url}", cwd=folder)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"status: error: Redis at {url} has no database 99 (DB index is out of range); use a lower number in "
+        "--redis_url: a server has 16 databases, 0 to 15, unless its `databases` setting says otherwise"
+    )
+
+
+MASKED_URLS = [
+    ("redis://:secret@localhost:6379/0", "redis://:***@localhost:6379/0"),
+    ("redis://user:secret@localhost:6379/0", "redis://user:***@localhost:6379/0"),
+    ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+    ("unix://:secret@/tmp/redis.sock", "unix://:***@/tmp/redis.sock"),
+    ("redis://:secret@[zz]:6379/0", "redis://:***@[zz]:6379/0"),
+]
+
+
+@pytest.mark.parametrize("url, masked", MASKED_URLS, ids=[masked for _, masked in MASKED_URLS])
+def test_mask_keeps_url_shape(url, masked):
+    assert mask(url) == masked
 
 
 def test_launch_on_port_bound_elsewhere(folder, state_home):
