@@ -215,7 +215,7 @@ def _report_forced(client: redis.Redis, running: list, deadline: float, out: Out
     ended = [job for job in running if states[job.id] not in (records.QUEUED, records.STARTED)]
     still = [job for job in running if states[job.id] == records.STARTED]
     if stopped:
-        out(f"stopped {plural(len(stopped), 'running evaluation')}, queued again for when its watch resumes:")
+        out(f"stopped {plural(len(stopped), 'running evaluation')}, each queued again for when its watch resumes:")
         for job in stopped:
             out(f"  {job.description}")
     if ended:

@@ -567,7 +567,7 @@ def test_shutdown_beside_hand_started_workers(watcher, connection, start_rq_work
     result = watcher.shutdown("--force")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    stopped = lines.index("shutdown: stopped 2 running evaluations, queued again for when its watch resumes:")
+    stopped = lines.index("shutdown: stopped 2 running evaluations, each queued again for when its watch resumes:")
     assert sorted(lines[stopped + 1 : stopped + 3]) == sorted(
         f"shutdown:   evaluate {name!r} of watch {watcher.directory} with {evaluator(watcher, 'waits_for_gate')}"
         for name in names
@@ -600,7 +600,7 @@ def test_directory_stop_of_running_evaluation(watcher, connection):
     result = watcher.shutdown(f"--directory={watcher.directory}", "--force")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    stopped = lines.index("shutdown: stopped 1 running evaluation, queued again for when its watch resumes:")
+    stopped = lines.index("shutdown: stopped 1 running evaluation, each queued again for when its watch resumes:")
     assert lines[stopped + 1] == f"shutdown:   evaluate 'model_epoch1.pt' of watch {watcher.directory} with {gated}"
     record = record_of(connection, watcher.directory, "model_epoch1.pt")
     assert record["state"] == records.QUEUED
