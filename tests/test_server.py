@@ -46,7 +46,7 @@ def test_watch_starts_private_server(tmp_path, state_home, launched):
         cwd=watcher.elsewhere,
     )
     assert result.returncode == 0, result.stderr
-    assert f"watch: started redis-server at redis://***@localhost:{launched.port}/0" in result.stdout
+    assert f"watch: started redis-server at redis://:***@localhost:{launched.port}/0" in result.stdout
 
     password_file = state_home / "assayer" / "redis" / f"tcp-{launched.port}" / "password"
     password = password_file.read_text().strip()
@@ -123,7 +123,7 @@ def test_watch_starts_private_server(tmp_path, state_home, launched):
     assert stop_command == f"python -m assayer.shutdown --stop_redis --redis_url redis://localhost:{launched.port}/0"
     stopped = run_command(*stop_command.removeprefix("python -m ").split())
     assert stopped.returncode == 0, stopped.stderr
-    assert f"shutdown: stopped redis-server at redis://***@localhost:{launched.port}/0 (pid {server_pid})" in (
+    assert f"shutdown: stopped redis-server at redis://:***@localhost:{launched.port}/0 (pid {server_pid})" in (
         stopped.stdout
     )
     wait_for(lambda: not _exists(server_pid), 10, message="redis-server to exit")
