@@ -74,10 +74,10 @@ def shutdown(
     ours = [job for job in running if workers.is_assayer_worker(job.worker_name or "")]
     theirs = [job for job in running if job not in ours]
     before = len(workers.assayer_workers(client))
-    _request_worker_stop(client, force, deadline)
     if force:
         for job in theirs:
             send_stop_job_command(client, job.id)
+    _request_worker_stop(client, force, deadline)
     remaining = _wait_for_workers(client, timeout, allow_busy=not force)
     busy = {job.worker_name for job in ours}
     stuck = sorted(name for name in remaining if force or name not in busy)
