@@ -126,16 +126,15 @@ def start_watch(
 
     if not num_watch_workers and not _serving(client, config.watch_queue):
         out(f"warning: no worker serves queue {config.watch_queue!r} yet; polls wait until one starts")
+    url, note = url_for_shell(settings)
     if not num_eval_workers and not _serving(client, config.eval_queue):
         # rq reads its URL from RQ_REDIS_URL, where the process list does not show the password.
-        url, note = url_for_shell(settings)
         out(
             f"warning: no worker serves queue {config.eval_queue!r} yet; evaluations wait until one starts, "
             f"e.g. RQ_REDIS_URL={url} rq worker {shlex.quote(config.eval_queue)} -w assayer.workers.EvaluationWorker"
             f"{note}"
         )
 
-    url, note = url_for_shell(settings)
     out(f"monitor: rq info --url {url}{note}")
     redis_flags = redis_flags_hint(settings)
     out(f"results: python -m assayer.status{redis_flags}    stop: python -m assayer.shutdown{redis_flags}")
@@ -159,7 +158,7 @@ def url_for_shell(settings: RedisSettings) -> tuple[str, str]:
     """Return a shell word for the URL that never prints a password, and a note to show after the command.
 
     The shell reads a password that assayer saved from its file. Any other password shows as `***`, and the
-    note asks the user to put theirs in its place.
+    note explains where the password goes.
     """
     if settings.password is None:
         return shlex.quote(settings.url), ""

@@ -205,9 +205,8 @@ def _report_forced(client: redis.Redis, running: list, deadline: float, out: Out
 
     An evaluation can finish between the listing and the stop; it is reported as finished, not stopped.
     """
-    states = {}
     while True:
-        states = {job.id: _record_state(client, job) for job in running}
+        states = _record_states(client, running)
         if records.STARTED not in states.values() or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -228,10 +227,14 @@ def _report_forced(client: redis.Redis, running: list, deadline: float, out: Out
             out(f"  {job.description} (on {job.worker_name})")
 
 
-def _record_state(client: redis.Redis, job: Job) -> str | None:
-    config_json, _, version = job.args[:3]
-    record = records.load(client, WatchConfig.from_json(config_json).watch_id, version)
-    return record.get("state") if record else None
+def _record_states(client: redis.Redis, jobs: list[Job]) -> dict[str, str | None]:
+    """Return the state of each evaluation job's record by job id, None where the record is gone."""
+    with client.pipeline(transaction=False) as pipeline:
+        for job in jobs:
+            config_json, _, version = job.args[:3]
+            pipeline.hget(records.record_key(WatchConfig.from_json(config_json).watch_id, version), "state")
+        states = pipeline.execute()
+    return {job.id: state.decode() if state is not None else None for job, state in zip(jobs, states)}
 
 
 def _report_other_workers(client: redis.Redis, configs: list[WatchConfig], out: Output) -> None:

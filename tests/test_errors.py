@@ -7,12 +7,10 @@ import subprocess
 import sys
 
 import pytest
-import redis
-from conftest import free_port, run_command, wait_for
+from conftest import free_port, run_command, start_redis_server, stop_process, wait_for
 
 from assayer import records, workers
 from assayer.connection import mask
-from assayer.server import find_redis_server
 
 EVALUATORS = {
     "good.py": "def evaluate(path):\n    return 1.0\n",
@@ -500,26 +498,9 @@ def test_launch_on_socket_of_other_program(folder, state_home):
 @pytest.fixture
 def password_port(tmp_path):
     """The loopback port of a redis-server that requires the password `secret`."""
-    port = free_port()
-    process = subprocess.Popen(
-        [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", ""]
-        + ["--appendonly", "no", "--requirepass", "secret"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port, password="secret")
-    wait_for(lambda: responds_to_ping(client), 10, message="redis-server with a password to respond")
-    yield port
-    client.close()
-    process.terminate()
-    process.wait(10)
-
-
-def responds_to_ping(client: redis.Redis) -> bool:
-    try:
-        return client.ping()
-    except redis.ConnectionError:
-        return False
+    process, settings = start_redis_server(tmp_path, "--requirepass", "secret", password="secret")
+    yield settings.port
+    stop_process(process)
 
 
 PROGRAM_ARGS = {

@@ -7,19 +7,15 @@ tests/benchmarks measure the same paths more closely.
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import redis
-from conftest import Watcher, free_port, stop_everything, wait_for
+from conftest import Watcher, start_redis_server, stop_everything, stop_process, wait_for
 from rq import Queue
 
 from assayer import records, workers
-from assayer.connection import RedisSettings
 from assayer.jobs import watch_job
-from assayer.server import find_redis_server
 
 OLD_SECONDS = 3600
 """How far in the past pre-existing checkpoints are dated, so a backfill finds them settled."""
@@ -30,22 +26,10 @@ def private_watcher(state_home, tmp_path):
     """A watcher on a redis-server of its own, whose traffic counters then count this test's processes only."""
     folder = tmp_path / "redis"
     folder.mkdir()
-    port = free_port()
-    command = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
-    process = subprocess.Popen(command + ["--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    settings = RedisSettings(f"redis://127.0.0.1:{port}/0")
-    wait_for(lambda: answers(settings.connect()), 10, message="the private redis-server to answer")
+    process, settings = start_redis_server(folder)
     yield Watcher(settings, tmp_path)
     stop_everything(settings)
-    process.terminate()
-    process.wait(10)
-
-
-def answers(client: redis.Redis) -> bool:
-    try:
-        return client.ping()
-    except redis.ConnectionError:
-        return False
+    stop_process(process)
 
 
 def write(path, data: bytes = b"weights") -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import REPO, Watcher, free_port, stays_true, stop_everything, wait_for
+from conftest import REPO, Watcher, free_port, responds_to_ping, stays_true, stop_everything, wait_for
 from rq import Queue, Worker
 
 from assayer import records, watches
@@ -303,19 +303,12 @@ class RedisProcess:
         command += ["--appendonly", "yes", "--save", ""]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = self.settings.connect()
-        wait_for(lambda: _answers(client), 20, message="redis-server to answer")
+        wait_for(lambda: responds_to_ping(client), 20, message="redis-server to respond")
 
     def stop(self) -> None:
         """Stop the server with SIGTERM, which makes it flush its append-only file first."""
         self.process.terminate()
         self.process.wait(20)
-
-
-def _answers(client: redis.Redis) -> bool:
-    try:
-        return client.ping()
-    except (redis.ConnectionError, redis.BusyLoadingError):
-        return False
 
 
 @pytest.fixture

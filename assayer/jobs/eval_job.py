@@ -50,8 +50,8 @@ def evaluate(config_json: str, relative: str, version: str, step: int | None, fi
     job = get_current_job()
     connection = job.connection
     if isinstance(job, EvaluationJob):
-        # assayer's worker parsed the config and logged the start before it forked this work horse, and
-        # recorded the start in RQ's own transaction.
+        # assayer's worker parsed the config and logged the start before it forked this work horse. The start
+        # is already recorded, in the transaction in which RQ marked the job started.
         config = job.watch_config
     else:
         # Another RQ worker, such as a plain `rq worker`, fetched the job as RQ's own class.
