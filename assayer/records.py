@@ -19,6 +19,9 @@ WATCHES_KEY = PREFIX + "watches"
 QUEUED, STARTED, FINISHED, FAILED, SKIPPED = "queued", "started", "finished", "failed", "skipped"
 STATES = (QUEUED, STARTED, FINISHED, FAILED, SKIPPED)
 
+STOPPED_ERROR = "stopped by a forced shutdown; evaluated again when the watch resumes"
+"""The error of a record whose evaluation a forced shutdown stopped; the record is queued again."""
+
 FLOAT_FIELDS = ("enqueued_at", "started_at", "ended_at", "duration")
 INT_FIELDS = ("step", "attempts")
 

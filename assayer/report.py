@@ -234,6 +234,8 @@ def _note(record: dict[str, Any], now: float) -> str:
         return f"{error} (after {attempts} attempts)" if attempts > 1 else error
     if state == records_module.SKIPPED:
         return display_text(record.get("reason", ""))
+    if state == records_module.QUEUED and record.get("error") == records_module.STOPPED_ERROR:
+        return display_text(record["error"])  # A stop is not a failed attempt.
     if state == records_module.QUEUED and record.get("error"):
         return f"attempt {record.get('attempts', 0)} failed, queued for a retry: {display_text(record['error'])}"
     if state == records_module.STARTED and "started_at" in record:

@@ -185,6 +185,7 @@ def test_table_notes_for_retries_and_running(connection):
     )
     add_record(connection, EXP1, "a_2.pt", 2, state=records.QUEUED, error="OSError: disk full", attempts=1)
     add_record(connection, EXP1, "a_3.pt", 3, state=records.STARTED, started_at=NOW - 30, worker="gpu-host.4242")
+    add_record(connection, EXP1, "a_4.pt", 4, state=records.QUEUED, error=records.STOPPED_ERROR, attempts=1)
 
     lines = report.format_table(load(connection), now=NOW).splitlines()
 
@@ -192,6 +193,7 @@ def test_table_notes_for_retries_and_running(connection):
         "   1  a_1.pt  failed          -  RuntimeError: CUDA out of memory (after 3 attempts)",
         "   2  a_2.pt  queued          -  attempt 1 failed, queued for a retry: OSError: disk full",
         "   3  a_3.pt  started         -  running for 30.0s on gpu-host.4242",
+        "   4  a_4.pt  queued          -  stopped by a forced shutdown; evaluated again when the watch resumes",
     ]
 
 

@@ -17,9 +17,6 @@ from assayer import checkpoints, evaluator, records
 from assayer.config import WatchConfig
 from assayer.watches import EVALUATE_FUNCTION
 
-STOPPED_ERROR = "stopped by a forced shutdown; evaluated again when the watch resumes"
-"""The error of a record whose evaluation a forced shutdown stopped."""
-
 
 class EvaluationJob(Job):
     """RQ's job, which also records an evaluation's start in the transaction in which RQ marks the job started.
@@ -167,12 +164,15 @@ def record_failure(job: Job, connection, exc_type, exc_value, exc_traceback) -> 
 def record_stopped(job: Job, connection) -> None:
     """Record an evaluation stopped by a shutdown as queued again, so that resuming the watch reruns it.
 
-    RQ calls this for a job stopped with `shutdown --directory DIR --force`; assayer's evaluation worker
-    calls it for the job it kills on `shutdown --force`.
+    RQ calls this for a job that its stop-job command stopped, which shutdown sends with `--directory DIR
+    --force` and, with `--force`, to workers that assayer did not start. assayer's evaluation worker calls it
+    for the job it kills on `shutdown --force`.
     """
     config_json, relative, version = job.args[:3]
     config = WatchConfig.from_json(config_json)
-    records.update(connection, config.watch_id, version, state=records.QUEUED, error=STOPPED_ERROR, ended_at=None)
+    records.update(
+        connection, config.watch_id, version, state=records.QUEUED, error=records.STOPPED_ERROR, ended_at=None
+    )
     logging.warning(
         "checkpoint %s: evaluation stopped by a forced shutdown (watch %s)",
         os.path.join(config.directory, relative),
